@@ -1,0 +1,123 @@
+"""Teachers: name a model (catalog key or generic source) and get a frozen, self-preprocessing teacher.
+
+Sources a user can name:
+
+* a catalog key: ``uni``, ``conch``, ``h-optimus-0``, ... (``multiteach teachers`` lists them);
+* ``hf-hub:ORG/NAME`` or ``local-dir:PATH``: a timm model with a timm ``config.json``;
+* ``transformers:ID_OR_DIR``: a transformers ViT/DINOv2 model;
+* ``open_clip:hf-hub:ORG/NAME``, ``open_clip:local-dir:PATH`` or ``open_clip:ARCH`` (+ ``weights:``):
+  a CLIP image tower (PLIP, QuiltNet, ...);
+* any timm model name (``vit_small_patch16_224.augreg_in21k``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.teachers import conch, hf_vit, open_clip_tower, timm_vit
+from multiteach.teachers.base import Teacher, TeacherOutput, TeacherSpec, TokenBackbone
+from multiteach.teachers.catalog import CATALOG
+
+LOADERS: dict[str, ModuleType] = {
+    "timm": timm_vit,
+    "transformers": hf_vit,
+    "conch": conch,
+    "open_clip": open_clip_tower,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+GENERIC_PREFIXES = ("hf-hub:", "local-dir:", "transformers:", "open_clip:")
+
+__all__ = ["CATALOG", "LOADERS", "Teacher", "TeacherOutput", "TeacherSpec", "TokenBackbone", "build_teacher",
+           "resolve_spec", "teacher_architecture"]
+
+
+def _generic_spec(source: str) -> TeacherSpec | None:
+    """A spec for a generic source string; layout fields are filled in at load time."""
+    base = {"name": source, "embed_dim": 0, "patch_size": 1, "num_prefix_tokens": 1}
+    if source.startswith("hf-hub:"):
+        return TeacherSpec(loader="timm", hub_id=source[len("hf-hub:"):], arch="", **base)
+    if source.startswith("local-dir:"):
+        return TeacherSpec(loader="timm", hub_id=None, arch="", weights=source[len("local-dir:"):], **base)
+    if source.startswith("transformers:"):
+        ref = source[len("transformers:"):]
+        return TeacherSpec(loader="transformers", hub_id=ref, arch="ViTConfig", **base)
+    if source.startswith("open_clip:"):
+        return TeacherSpec(loader="open_clip", hub_id=None, arch=source[len("open_clip:"):], **base)
+    if timm.is_model(source):
+        return TeacherSpec(loader="timm", hub_id=None, arch=source, **base)
+    return None
+
+
+def resolve_spec(name: str, **overrides: Any) -> TeacherSpec:
+    """Return the :class:`TeacherSpec` for a catalog key or generic source, with ``overrides`` applied.
+
+    Args:
+        name: Catalog key or generic source (see the module docstring).
+        **overrides: Spec fields to replace, e.g. ``weights="/data/uni"`` or ``embedding="cls+mean"``.
+
+    Raises:
+        MultiteachError: for an unknown name (with close catalog matches) or an unknown override field.
+    """
+    if name in CATALOG:
+        spec = CATALOG.get(name)
+    else:
+        spec = _generic_spec(name)
+        if spec is None:
+            raise MultiteachError(
+                f"unknown teacher {name!r}.{did_you_mean(name, CATALOG.keys())} Use a catalog name "
+                f"({', '.join(CATALOG.keys())}), a timm model name, or a source prefixed with "
+                f"{', '.join(GENERIC_PREFIXES)}."
+            )
+    fields = set(TeacherSpec.__dataclass_fields__)
+    bad = [k for k in overrides if k not in fields]
+    if bad:
+        raise MultiteachError(
+            f"teacher {name!r}: unknown field(s) {', '.join(bad)}.{did_you_mean(bad[0], fields)}"
+        )
+    return spec.replace(**overrides) if overrides else spec
+
+
+def teacher_architecture(name: str, **overrides: Any) -> nn.Module:
+    """Build a catalog teacher's architecture on the meta device (no weights, no memory).
+
+    Used for parameter counts and token layouts of real teachers that cannot be downloaded.
+    """
+    spec = resolve_spec(name, **overrides)
+    loader = LOADERS[spec.loader]
+    if not hasattr(loader, "architecture") or not spec.arch or spec.arch.startswith(("hf-hub:", "local-dir:")):
+        raise MultiteachError(f"teacher {name!r}: its architecture is only known after loading its config")
+    return loader.architecture(spec)
+
+
+def build_teacher(name: str, *, weights: str | None = None, input_size: int | None = None,
+                  dtype: str | torch.dtype = "float32", pretrained: bool = True, device: str | torch.device = "cpu",
+                  **overrides: Any) -> Teacher:
+    """Load a frozen teacher ready to embed (B, 3, H, W) RGB batches in [0, 1].
+
+    Args:
+        name: Catalog key or generic source.
+        weights: Local file or folder used instead of the Hub (the recipe's ``weights:``).
+        input_size: Square size the teacher resizes its input to (default: its native size).
+        dtype: ``float32`` or ``bfloat16`` (weights cast and autocast for the forward pass).
+        pretrained: False gives random-initialised weights (benchmarks and tests).
+        device: Where the teacher lives.
+        **overrides: Other :class:`TeacherSpec` fields to replace.
+
+    Returns:
+        A :class:`Teacher` in eval mode with ``requires_grad=False`` everywhere.
+    """
+    if weights is not None:
+        overrides["weights"] = weights
+    spec = resolve_spec(name, **overrides)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MultiteachError(f"teacher {name!r}: dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    backbone, resolved = LOADERS[spec.loader].load(spec, pretrained=pretrained, dtype=dtype)
+    return Teacher(resolved, backbone, input_size=input_size, dtype=dtype).to(device)

@@ -52,9 +52,10 @@ class TeacherSpec:
         gated: Whether the Hub repo requires accepting terms and logging in.
         noncommercial_derivatives: Whether models trained on this teacher's outputs are barred
             from commercial use (UNI, UNI2, CONCH, H0-mini, ...).
-        params: Published parameter count of the backbone, used by ``multiteach teachers``.
         interpolation: Resize filter used for preprocessing (``bicubic`` or ``bilinear``).
         weights: Local file or folder that replaces the Hub download (the recipe's ``weights:``).
+        hub_filename: Weights file name in the Hub repo when it is not ``model.safetensors`` or
+            ``pytorch_model.bin``.
         weights_format: Key layout of the weights: ``native`` for the loader's own, ``dinov2``
             for original DINOv2 checkpoints that timm must convert.
         url: Model card address.
@@ -77,10 +78,10 @@ class TeacherSpec:
     license: str = "unknown"
     gated: bool = False
     noncommercial_derivatives: bool = False
-    params: int | None = None
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     weights: str | None = None
     weights_format: Literal["native", "dinov2"] = "native"
+    hub_filename: str | None = None
     url: str | None = None
     notes: str = ""
 
@@ -88,6 +89,12 @@ class TeacherSpec:
         if self.summary_dim is None:
             dim = 2 * self.embed_dim if self.embedding == "cls+mean" else self.embed_dim
             object.__setattr__(self, "summary_dim", dim)
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """Weights file names to look for, in order."""
+        first = (self.hub_filename,) if self.hub_filename else ()
+        return (*first, "model.safetensors", "pytorch_model.bin")
 
     @property
     def num_registers(self) -> int:

@@ -1,0 +1,68 @@
+"""Tile datasets, pathology augmentations, multi-crop views and iBOT masks."""
+
+from multiteach.data.augment import (
+    ColorJitter,
+    ColorParams,
+    HEDJitter,
+    HEDParams,
+    RandomGaussianBlur,
+    RandomRot90Flip,
+    color_jitter,
+    dihedral,
+    gaussian_blur,
+    hed_jitter,
+    hed_to_rgb,
+    resized_crop,
+    rgb_to_hed,
+    sample_crop_box,
+    to_tensor01,
+)
+from multiteach.data.masking import MaskingGenerator, sample_ibot_masks
+from multiteach.data.multicrop import (
+    MultiCropCollator,
+    MultiCropTransform,
+    ViewParams,
+    apply_view,
+    collate_multicrop,
+)
+from multiteach.data.tiles import (
+    IMAGE_EXTENSIONS,
+    TileDataset,
+    find_images,
+    labelled_folder,
+    load_rgb,
+    read_path_list,
+    verify_image,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ColorJitter",
+    "ColorParams",
+    "HEDJitter",
+    "HEDParams",
+    "MaskingGenerator",
+    "MultiCropCollator",
+    "MultiCropTransform",
+    "RandomGaussianBlur",
+    "RandomRot90Flip",
+    "TileDataset",
+    "ViewParams",
+    "apply_view",
+    "collate_multicrop",
+    "color_jitter",
+    "dihedral",
+    "find_images",
+    "gaussian_blur",
+    "hed_jitter",
+    "hed_to_rgb",
+    "labelled_folder",
+    "load_rgb",
+    "read_path_list",
+    "resized_crop",
+    "rgb_to_hed",
+    "sample_ibot_masks",
+    "sample_crop_box",
+    "to_tensor01",
+    "verify_image",
+]

@@ -1,0 +1,319 @@
+"""Students: any timm ``VisionTransformer`` wrapped to return a :class:`TeacherOutput`.
+
+The student is a plain timm model (``Student.model``) plus a DINOv2-style learned ``mask_token``
+kept outside it, so an exported student reloads with ``timm.create_model`` alone. Architecture
+kwargs that are classes in timm (``mlp_layer``, ``act_layer``, ``norm_layer``) are written in
+recipes as names and resolved through :data:`LAYER_NAMES`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import timm
+import torch
+from timm.layers import GatedMlp, GluMlp, LayerNorm, Mlp, QuickGELU, RmsNorm, SwiGLU, SwiGLUPacked
+from timm.layers.activations import GELUTanh
+from timm.models import VisionTransformer, checkpoint_seq
+from torch import nn
+
+from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, TeacherOutput
+
+#: Names accepted for class-valued timm kwargs, per kwarg. Keys are lower-case; ``-`` is read as ``_``.
+#: The first name listed for a class is the one written back by :attr:`Student.model_kwargs`.
+LAYER_NAMES: dict[str, dict[str, type[nn.Module]]] = {
+    "mlp_layer": {
+        "mlp": Mlp,
+        "swiglu_packed": SwiGLUPacked,  # H0-mini / DINOv2 SwiGLU (fused fc1), use mlp_ratio 5.33334 for ViT-B
+        "swiglu": SwiGLU,
+        "glu_mlp": GluMlp,
+        "gated_mlp": GatedMlp,
+    },
+    "act_layer": {
+        "gelu": nn.GELU,
+        "gelu_tanh": GELUTanh,
+        "quick_gelu": QuickGELU,
+        "silu": nn.SiLU,
+        "relu": nn.ReLU,
+    },
+    "norm_layer": {
+        "layernorm": LayerNorm,
+        "rmsnorm": RmsNorm,
+    },
+}
+
+def resolve_layer(kwarg: str, value: Any) -> Any:
+    """Turn a layer name from a recipe into the timm/torch class for ``kwarg``.
+
+    Args:
+        kwarg: The timm kwarg name (``mlp_layer``, ``act_layer``, ``norm_layer``).
+        value: A name from :data:`LAYER_NAMES` or an already-resolved class (returned as is).
+
+    Returns:
+        The class to pass to ``timm.create_model``.
+
+    Raises:
+        MultiteachError: if ``value`` is a string not in the table for ``kwarg``.
+    """
+    if kwarg not in LAYER_NAMES or not isinstance(value, str):
+        return value
+    table = LAYER_NAMES[kwarg]
+    key = value.lower().replace("-", "_")
+    if key not in table:
+        raise MultiteachError(
+            f"unknown {kwarg} {value!r}.{did_you_mean(key, table)} Known: {', '.join(table)}."
+        )
+    return table[key]
+
+
+def layer_name(kwarg: str, value: Any) -> Any:
+    """Inverse of :func:`resolve_layer`: the JSON name of a class-valued kwarg.
+
+    Args:
+        kwarg: The timm kwarg name.
+        value: A name or a class.
+
+    Returns:
+        The canonical name (or ``value`` unchanged for kwargs outside :data:`LAYER_NAMES`).
+
+    Raises:
+        MultiteachError: if ``value`` is a class with no name in the table (it could not be exported).
+    """
+    if kwarg not in LAYER_NAMES:
+        return value
+    cls = resolve_layer(kwarg, value)
+    for name, known in LAYER_NAMES[kwarg].items():
+        if known is cls:
+            return name
+    raise MultiteachError(
+        f"{kwarg}={cls!r} has no name in multiteach.students.LAYER_NAMES, so the student could not be "
+        f"exported; use one of: {', '.join(LAYER_NAMES[kwarg])}."
+    )
+
+
+def student_mean_std(
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel RGB normalisation the student's input is expected in.
+
+    Args:
+        mean: Three per-channel means; ImageNet's when ``None``.
+        std: Three per-channel standard deviations (> 0); ImageNet's when ``None``.
+
+    Returns:
+        ``(mean, std)`` as two 3-tuples of floats.
+
+    Raises:
+        MultiteachError: if a value does not have three entries or a std is not positive.
+    """
+    mean = tuple(float(v) for v in (IMAGENET_MEAN if mean is None else mean))
+    std = tuple(float(v) for v in (IMAGENET_STD if std is None else std))
+    if len(mean) != 3 or len(std) != 3:
+        raise MultiteachError(f"student mean/std need 3 values (RGB), got mean={mean} std={std}")
+    if min(std) <= 0:
+        raise MultiteachError(f"student std values must be positive, got {std}")
+    return mean, std
+
+
+class Student(nn.Module):
+    """A timm ViT returning CLS and patch tokens, with a learned mask token for iBOT-style masking.
+
+    Args:
+        model: A timm ``VisionTransformer`` (any subclass) built with ``num_classes=0`` and a class token.
+        arch: The timm architecture name it was built from.
+        model_kwargs: The kwargs it was built with, in JSON form (layer classes as names).
+
+    Shapes:
+        forward: x (B, 3, H, W) normalised, masks (B, h*w) bool or None -> TeacherOutput(
+        summary (B, D), patch_tokens (B, h*w, D), grid (h, w)), with h, w = H // p, W // p.
+    """
+
+    def __init__(self, model: VisionTransformer, arch: str, model_kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        _check_model(model, arch)
+        self.model = model
+        self.arch = arch
+        self.model_kwargs = dict(model_kwargs)
+        device = model.patch_embed.proj.weight.device
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=device))
+
+    @property
+    def embed_dim(self) -> int:
+        """Token width D."""
+        return self.model.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per token side p (the total stride for hybrid CNN stems)."""
+        return _patch_stride(self.model)[0]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS + register (+ distillation) tokens before the patch tokens."""
+        return self.model.num_prefix_tokens
+
+    @property
+    def num_registers(self) -> int:
+        """Register tokens."""
+        return getattr(self.model, "num_reg_tokens", 0)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (timm's own switch)."""
+        self.model.set_grad_checkpointing(enable)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of ``height`` x ``width`` pixels."""
+        h, w = self.model.patch_embed.dynamic_feat_size((height, width))
+        return int(h), int(w)
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All final-norm tokens, timm's ``forward_features`` with optional mask-token substitution.
+
+        Args:
+            x: Normalised images, (B, 3, H, W).
+            masks: (B, h*w) bool, True where the patch embedding is replaced by ``mask_token``
+                (before the positional embedding is added, as in DINOv2), or None.
+
+        Returns:
+            Tokens (B, num_prefix_tokens + h*w, D).
+        """
+        m = self.model
+        self._check_input(x)
+        tokens = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size, else (B, h*w, D)
+        if masks is not None:
+            tokens = self._apply_masks(tokens, masks, self.grid_for(*x.shape[-2:]))
+        tokens = m.norm_pre(m.patch_drop(m._pos_embed(tokens)))
+        if m.grad_checkpointing and not torch.jit.is_scripting():
+            tokens = checkpoint_seq(m.blocks, tokens)
+        else:
+            tokens = m.blocks(tokens)
+        return m.norm(tokens)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> TeacherOutput:
+        """Embed a normalised batch; see the class docstring for shapes."""
+        grid = self.grid_for(*x.shape[-2:])
+        tokens = self.forward_tokens(x, masks)
+        return TeacherOutput(tokens[:, 0], tokens[:, self.num_prefix_tokens :], grid)
+
+    def _apply_masks(self, tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Replace masked patch embeddings by the mask token; tokens (B, h, w, D) or (B, h*w, D)."""
+        b, n = tokens.shape[0], grid[0] * grid[1]
+        if masks.dtype != torch.bool or tuple(masks.shape) != (b, n):
+            raise MultiteachError(
+                f"student masks must be bool of shape (B, h*w) = ({b}, {n}) for grid {grid}, "
+                f"got {masks.dtype} {tuple(masks.shape)}"
+            )
+        masks = masks.view(*tokens.shape[:-1], 1)
+        return torch.where(masks, self.mask_token.to(tokens.dtype).view(-1), tokens)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error unless ``x`` is (B, in_chans, H, W) with a size the patch embed accepts."""
+        pe = self.model.patch_embed
+        if x.ndim != 4 or x.shape[1] != self.model.in_chans:
+            raise MultiteachError(f"student expects (B, {self.model.in_chans}, H, W), got {tuple(x.shape)}")
+        size = tuple(x.shape[-2:])
+        if pe.strict_img_size and size != tuple(pe.img_size):
+            raise MultiteachError(
+                f"student {self.arch!r} was built for {tuple(pe.img_size)} inputs, got {size}; "
+                "build it with dynamic_img_size=True to accept other sizes"
+            )
+        if not pe.dynamic_img_pad and (size[0] % self.patch_size or size[1] % self.patch_size):
+            raise MultiteachError(f"student input {size} is not a multiple of patch size {self.patch_size}")
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+
+def _patch_stride(model: VisionTransformer) -> tuple[int, int]:
+    """Input pixels per token (h, w): the patch size, times the stem stride for hybrid embeds."""
+    pe = model.patch_embed
+    stride = pe.feat_ratio(as_scalar=False) if hasattr(pe, "feat_ratio") else pe.patch_size
+    return int(stride[0]), int(stride[1])
+
+
+def _not_vit_error(arch: str, model: nn.Module) -> MultiteachError:
+    """The error for an arch that is not in timm's VisionTransformer family."""
+    return MultiteachError(
+        f"student arch {arch!r} builds a {type(model).__name__}, not a timm VisionTransformer; "
+        "pick a ViT such as vit_small_patch16_224 or vit_base_patch14_reg4_dinov2"
+    )
+
+
+def _check_model(model: nn.Module, arch: str) -> None:
+    """Raise unless ``model`` is a VisionTransformer with a class token, square patches and all patches kept."""
+    if not isinstance(model, VisionTransformer):
+        raise _not_vit_error(arch, model)
+    if not model.has_class_token:
+        raise MultiteachError(f"student arch {arch!r} has no class token (class_token=False); it needs one")
+    p = _patch_stride(model)
+    if p[0] != p[1]:
+        raise MultiteachError(f"student arch {arch!r} has non-square patches {tuple(p)}")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise MultiteachError("patch_drop_rate must be 0 for a student: the losses need every patch token")
+
+
+def _check_arch(arch: str) -> None:
+    """Raise a MultiteachError with close matches unless timm knows ``arch`` (hub/local prefixes pass)."""
+    if ":" in arch or timm.is_model(arch):
+        return
+    raise MultiteachError(f"unknown student arch {arch!r} (not a timm model).{did_you_mean(arch, timm.list_models())}")
+
+
+def _unexpected_kwarg_error(arch: str, err: TypeError) -> MultiteachError:
+    """Turn timm's 'unexpected keyword argument' TypeError into a clear message.
+
+    A non-ViT arch rejects the ViT kwargs too, so the arch is first probed on the meta device.
+    """
+    probe = timm.create_model(arch, device="meta")
+    if not isinstance(probe, VisionTransformer):
+        return _not_vit_error(arch, probe)
+    bad = str(err).rsplit("argument", 1)[-1].strip(" '\"")
+    allowed = [p for p in inspect.signature(VisionTransformer.__init__).parameters if p != "self"]
+    return MultiteachError(f"student {arch!r}: unknown model kwarg {bad!r}.{did_you_mean(bad, allowed)}")
+
+
+def build_student(
+    arch: str,
+    pretrained: bool = False,
+    img_size: int | Sequence[int] = 224,
+    drop_path_rate: float = 0.0,
+    device: str | torch.device | None = None,
+    **model_kwargs: Any,
+) -> Student:
+    """Build a :class:`Student` from a timm ViT name and kwargs.
+
+    Args:
+        arch: timm model name (``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``, ...).
+        pretrained: Load timm's pretrained weights (needs the Hub or a local cache).
+        img_size: Size the positional embedding is built for (int or (H, W)); other sizes are
+            resampled on the fly while ``dynamic_img_size`` is True (the default).
+        drop_path_rate: Stochastic-depth rate of the last block (linear decay from 0).
+        device: Where to create the parameters (``"meta"`` for a shape-only model).
+        **model_kwargs: Further timm kwargs; ``mlp_layer``/``act_layer``/``norm_layer`` may be names
+            from :data:`LAYER_NAMES` (e.g. ``mlp_layer="swiglu_packed", act_layer="silu"``).
+            ``num_classes`` is always 0.
+
+    Returns:
+        The student; ``student.model_kwargs`` holds the JSON form (without ``drop_path_rate``).
+
+    Raises:
+        MultiteachError: for an unknown arch, layer name or kwarg, or a non-ViT / CLS-less model.
+    """
+    _check_arch(arch)
+    if model_kwargs.get("num_classes", 0) != 0:
+        raise MultiteachError(f"students are headless: num_classes must be 0, got {model_kwargs['num_classes']}")
+    img_size = img_size if isinstance(img_size, int) else [int(s) for s in img_size]
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs, "img_size": img_size}
+    resolved = {k: resolve_layer(k, v) for k, v in kwargs.items()}
+    if device is not None:
+        resolved["device"] = device
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, drop_path_rate=drop_path_rate, **resolved)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise _unexpected_kwarg_error(arch, err) from err
+    return Student(model, arch, {k: layer_name(k, v) for k, v in kwargs.items()})

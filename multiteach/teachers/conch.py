@@ -1,0 +1,107 @@
+"""CONCH (MahmoodLab): the image tower of a CoCa model, built with the ``conch`` package's own tower
+builder (extra ``conch``: ``pip install --no-deps conch-fork``).
+
+We do not call ``conch.open_clip_custom.create_model_from_pretrained``: it unpickles the checkpoint
+with ``torch.load`` (no ``weights_only``) and builds the text towers too. Instead the visual tower is
+built on the meta device from the package's ``conch_ViT-B-16`` config and the ``visual.*`` tensors of
+``pytorch_model.bin`` are assigned with ``weights_only=True``.
+
+Summary = ``encode_image(proj_contrast=False, normalize=False)`` (attentional pool + LayerNorm, 512-d,
+as TRIDENT uses); patch tokens = the trunk's final-norm spatial tokens (768-d, 28x28 at 448 px).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multiteach.errors import MultiteachError
+from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
+from multiteach.teachers.weights import assign_state_dict, hub_file, hub_weights, local_weights, read_state_dict
+
+
+def _conch():
+    try:
+        from conch.open_clip_custom import coca_model
+    except ImportError:
+        raise MultiteachError(
+            "CONCH needs the `conch` package: pip install 'multiteach[conch]' (or pip install --no-deps conch-fork)"
+        ) from None
+    return coca_model
+
+
+def tower_config(spec: TeacherSpec) -> dict[str, Any]:
+    """The package's CoCa config (``spec.arch``) with ``spec.model_kwargs`` merged over it."""
+    _conch()
+    text = resources.files("conch.open_clip_custom").joinpath("model_configs", f"{spec.arch}.json").read_text()
+    cfg = json.loads(text)
+    over = copy.deepcopy(spec.model_kwargs)
+    cfg["vision_cfg"].update(over.pop("vision_cfg", {}))
+    cfg.update(over)
+    return cfg
+
+
+class ConchTokens(TokenBackbone):
+    """Adapter for CONCH's ``VisualModel``.
+
+    Args:
+        visual: ``conch.open_clip_custom.vision_tower.VisualModel``.
+        embedding: ``pooled`` (contrastive attentional pool, default) or ``cls``.
+    """
+
+    def __init__(self, visual: nn.Module, embedding: str) -> None:
+        super().__init__()
+        self.visual = visual
+        self.embedding = embedding
+        self.patch = visual.trunk.patch_embed.patch_size[0]
+
+    def forward(self, x: torch.Tensor) -> TeacherOutput:
+        """(B, 3, H, W) normalised -> TeacherOutput(summary (B, 512), patches (B, H/16*W/16, 768), grid)."""
+        tokens = self.visual.trunk.forward_features(x)
+        pooled = self.visual.ln_contrast(self.visual.attn_pool_contrast(tokens)[:, 0])
+        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        return split_tokens(tokens, self.visual.trunk.num_prefix_tokens, grid, self.embedding, pooled)
+
+
+def architecture(spec: TeacherSpec, device: str = "meta") -> nn.Module:
+    """CONCH's visual tower, without weights, on ``device``."""
+    cfg = tower_config(spec)
+    with torch.device(device):
+        return _conch()._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("embed_dim_caption"))
+
+
+def _files(spec: TeacherSpec) -> Path:
+    if spec.weights:
+        return local_weights(spec.weights, ("pytorch_model.bin", "model.safetensors"))
+    if not spec.hub_id:
+        raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
+    return hub_weights(spec.hub_id, spec.gated, ("pytorch_model.bin",))
+
+
+def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
+         ) -> tuple[ConchTokens, TeacherSpec]:
+    """Build CONCH's visual tower on meta and assign the ``visual.*`` weights."""
+    visual = architecture(spec, device="meta" if pretrained else "cpu")
+    if pretrained:
+        path = _files(spec)
+        if spec.hub_id and not spec.weights:
+            hub_file(spec.hub_id, "meta.yaml", spec.gated)  # the repo's own marker file, as conch's loader reads it
+        sd = read_state_dict(path)
+        if any(k.startswith("visual.") for k in sd):  # full CoCa checkpoint: keep the image tower
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        assign_state_dict(visual, sd, path, dtype)
+    else:
+        visual = visual.to(dtype)
+    visual.eval()
+    trunk = visual.trunk
+    resolved = spec.replace(embed_dim=int(trunk.num_features), patch_size=int(trunk.patch_embed.patch_size[0]),
+                            num_prefix_tokens=int(trunk.num_prefix_tokens),
+                            summary_dim=int(visual.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled"
+                            else None)
+    return ConchTokens(visual, spec.embedding), resolved
