@@ -189,20 +189,29 @@ def build_projection_head(kind: str, in_dim: int, out_dim: int, **kwargs: Any) -
     Raises:
         MultiteachError: for an unknown kind, an option the kind does not take, or a non-positive dim.
     """
-    if kind not in HEAD_TYPES:
-        raise MultiteachError(
-            f"unknown projection head kind {kind!r}.{did_you_mean(str(kind), HEAD_TYPES)} "
-            f"Known: {', '.join(HEAD_TYPES)}."
-        )
-    cls = HEAD_TYPES[kind]
-    options = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "in_dim", "out_dim")]
+    options = head_options(kind)
     for key in kwargs:
         if key not in options:
             accepted = ", ".join(options) or "no options"
             raise MultiteachError(
                 f"projection head {kind!r} takes no option {key!r}.{did_you_mean(key, options)} Accepted: {accepted}."
             )
-    return cls(in_dim, out_dim, **kwargs)
+    return HEAD_TYPES[kind](in_dim, out_dim, **kwargs)
+
+
+def head_options(kind: str) -> list[str]:
+    """The options a head kind takes besides ``in_dim``/``out_dim`` (e.g. ``["bottleneck"]`` for gpfm).
+
+    Raises:
+        MultiteachError: for an unknown kind (the message lists close matches).
+    """
+    if kind not in HEAD_TYPES:
+        raise MultiteachError(
+            f"unknown projection head kind {kind!r}.{did_you_mean(str(kind), HEAD_TYPES)} "
+            f"Known: {', '.join(HEAD_TYPES)}."
+        )
+    params = inspect.signature(HEAD_TYPES[kind].__init__).parameters
+    return [p for p in params if p not in ("self", "in_dim", "out_dim")]
 
 
 #: Per-teacher head config used when a teacher has none.
@@ -264,9 +273,7 @@ class ProjectionHeads(nn.Module):
         if target not in TARGETS:
             raise MultiteachError(f"projection target must be 'summary' or 'patch', got {target!r}")
         if target not in self.targets(name):
-            raise MultiteachError(
-                f"teacher {name!r} has no {target} head (built for: {', '.join(self.targets(name))})"
-            )
+            raise MultiteachError(f"teacher {name!r} has no {target} head (built for: {', '.join(self.targets(name))})")
         if x.shape[-1] != self.in_dim:
             raise MultiteachError(
                 f"teacher {name!r} {target} head expects (..., {self.in_dim}) input, got {tuple(x.shape)}"
@@ -298,8 +305,13 @@ def _teacher_heads(name: str, in_dim: int, dims: Mapping[str, int], config: Mapp
     """
     owner = f"teacher {name!r}"
     _check_config(owner, dims, config)
-    options = {_CONFIG_OPTIONS[k]: v for k, v in config.items() if k in _CONFIG_OPTIONS}
     kind = config.get("kind", DEFAULT_HEAD_CONFIG["kind"])
+    accepted = head_options(kind)
+    options = {}
+    for key in config.keys() & _CONFIG_OPTIONS.keys():
+        if _CONFIG_OPTIONS[key] not in accepted:
+            raise MultiteachError(f"{owner}: head kind {kind!r} takes no {key!r}")
+        options[_CONFIG_OPTIONS[key]] = config[key]
     out = {t: check_dim(owner, f"{t} dim", d) for t, d in dims.items()}
     heads = nn.ModuleDict()
     if config.get("shared", False):

@@ -22,7 +22,7 @@ LAYER_NAMES: dict[str, dict[str, Any]] = {
         "glu": timm.layers.GluMlp,
     },
     "act_layer": {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "gelu_tanh": "gelu_tanh"},
-    "norm_layer": {"layernorm": nn.LayerNorm, "rmsnorm": timm.layers.RmsNorm},
+    "norm_layer": {"layernorm": timm.layers.LayerNorm, "rmsnorm": timm.layers.RmsNorm},
 }
 
 

@@ -3,7 +3,8 @@
 The student is a plain timm model (``Student.model``) plus a DINOv2-style learned ``mask_token``
 kept outside it, so an exported student reloads with ``timm.create_model`` alone. Architecture
 kwargs that are classes in timm (``mlp_layer``, ``act_layer``, ``norm_layer``) are written in
-recipes as names and resolved through :data:`LAYER_NAMES`.
+recipes as names and resolved through :data:`multiteach.layers.LAYER_NAMES`, the table the teacher
+loaders use too, so an exported student's config reloads the same way.
 """
 
 from __future__ import annotations
@@ -14,84 +15,12 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import GatedMlp, GluMlp, LayerNorm, Mlp, QuickGELU, RmsNorm, SwiGLU, SwiGLUPacked
-from timm.layers.activations import GELUTanh
 from timm.models import VisionTransformer, checkpoint_seq
 from torch import nn
 
 from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.layers import layer_kwargs_to_names, resolve_layer_kwargs
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, TeacherOutput
-
-#: Names accepted for class-valued timm kwargs, per kwarg. Keys are lower-case; ``-`` is read as ``_``.
-#: The first name listed for a class is the one written back by :attr:`Student.model_kwargs`.
-LAYER_NAMES: dict[str, dict[str, type[nn.Module]]] = {
-    "mlp_layer": {
-        "mlp": Mlp,
-        "swiglu_packed": SwiGLUPacked,  # H0-mini / DINOv2 SwiGLU (fused fc1), use mlp_ratio 5.33334 for ViT-B
-        "swiglu": SwiGLU,
-        "glu_mlp": GluMlp,
-        "gated_mlp": GatedMlp,
-    },
-    "act_layer": {
-        "gelu": nn.GELU,
-        "gelu_tanh": GELUTanh,
-        "quick_gelu": QuickGELU,
-        "silu": nn.SiLU,
-        "relu": nn.ReLU,
-    },
-    "norm_layer": {
-        "layernorm": LayerNorm,
-        "rmsnorm": RmsNorm,
-    },
-}
-
-def resolve_layer(kwarg: str, value: Any) -> Any:
-    """Turn a layer name from a recipe into the timm/torch class for ``kwarg``.
-
-    Args:
-        kwarg: The timm kwarg name (``mlp_layer``, ``act_layer``, ``norm_layer``).
-        value: A name from :data:`LAYER_NAMES` or an already-resolved class (returned as is).
-
-    Returns:
-        The class to pass to ``timm.create_model``.
-
-    Raises:
-        MultiteachError: if ``value`` is a string not in the table for ``kwarg``.
-    """
-    if kwarg not in LAYER_NAMES or not isinstance(value, str):
-        return value
-    table = LAYER_NAMES[kwarg]
-    key = value.lower().replace("-", "_")
-    if key not in table:
-        raise MultiteachError(
-            f"unknown {kwarg} {value!r}.{did_you_mean(key, table)} Known: {', '.join(table)}."
-        )
-    return table[key]
-
-
-def layer_name(kwarg: str, value: Any) -> Any:
-    """Inverse of :func:`resolve_layer`: the JSON name of a class-valued kwarg.
-
-    Args:
-        kwarg: The timm kwarg name.
-        value: A name or a class.
-
-    Returns:
-        The canonical name (or ``value`` unchanged for kwargs outside :data:`LAYER_NAMES`).
-
-    Raises:
-        MultiteachError: if ``value`` is a class with no name in the table (it could not be exported).
-    """
-    if kwarg not in LAYER_NAMES:
-        return value
-    cls = resolve_layer(kwarg, value)
-    for name, known in LAYER_NAMES[kwarg].items():
-        if known is cls:
-            return name
-    raise MultiteachError(
-        f"{kwarg}={cls!r} has no name in multiteach.students.LAYER_NAMES, so the student could not be "
-        f"exported; use one of: {', '.join(LAYER_NAMES[kwarg])}."
-    )
 
 
 def student_mean_std(
@@ -137,8 +66,8 @@ class Student(nn.Module):
         self.model = model
         self.arch = arch
         self.model_kwargs = dict(model_kwargs)
-        device = model.patch_embed.proj.weight.device
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=device))
+        device = next(model.parameters()).device
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=device))  # DINOv2: zero init
 
     @property
     def embed_dim(self) -> int:
@@ -206,7 +135,7 @@ class Student(nn.Module):
                 f"student masks must be bool of shape (B, h*w) = ({b}, {n}) for grid {grid}, "
                 f"got {masks.dtype} {tuple(masks.shape)}"
             )
-        masks = masks.view(*tokens.shape[:-1], 1)
+        masks = masks.to(tokens.device).view(*tokens.shape[:-1], 1)
         return torch.where(masks, self.mask_token.to(tokens.dtype).view(-1), tokens)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -224,6 +153,7 @@ class Student(nn.Module):
             raise MultiteachError(f"student input {size} is not a multiple of patch size {self.patch_size}")
 
     def extra_repr(self) -> str:
+        """One-line summary shown by ``print(student)``."""
         return f"arch={self.arch!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
 
 
@@ -293,7 +223,7 @@ def build_student(
         drop_path_rate: Stochastic-depth rate of the last block (linear decay from 0).
         device: Where to create the parameters (``"meta"`` for a shape-only model).
         **model_kwargs: Further timm kwargs; ``mlp_layer``/``act_layer``/``norm_layer`` may be names
-            from :data:`LAYER_NAMES` (e.g. ``mlp_layer="swiglu_packed", act_layer="silu"``).
+            from :data:`multiteach.layers.LAYER_NAMES` (e.g. ``mlp_layer="swiglu_packed", act_layer="silu"``).
             ``num_classes`` is always 0.
 
     Returns:
@@ -307,7 +237,7 @@ def build_student(
         raise MultiteachError(f"students are headless: num_classes must be 0, got {model_kwargs['num_classes']}")
     img_size = img_size if isinstance(img_size, int) else [int(s) for s in img_size]
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs, "img_size": img_size}
-    resolved = {k: resolve_layer(k, v) for k, v in kwargs.items()}
+    resolved = resolve_layer_kwargs(kwargs)
     if device is not None:
         resolved["device"] = device
     try:
@@ -316,4 +246,4 @@ def build_student(
         if "unexpected keyword argument" not in str(err):
             raise
         raise _unexpected_kwarg_error(arch, err) from err
-    return Student(model, arch, {k: layer_name(k, v) for k, v in kwargs.items()})
+    return Student(model, arch, layer_kwargs_to_names(kwargs))

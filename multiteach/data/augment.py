@@ -13,6 +13,7 @@ same state, so workers would repeat each other's augmentations; leave ``generato
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -71,7 +72,7 @@ def hed_to_rgb(hed: Tensor) -> Tensor:
     return torch.exp(log_rgb).clamp_(0.0, 1.0)
 
 
-def hed_jitter(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def hed_jitter(x: Tensor, scale: Tensor | Sequence[float], shift: Tensor | Sequence[float]) -> Tensor:
     """Apply a recorded HED perturbation: each stain channel ``s -> s * scale + shift``.
 
     Args:
@@ -88,10 +89,10 @@ def hed_jitter(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 
 class HEDParams(NamedTuple):
-    """Recorded HED jitter: ``scale`` and ``shift`` are float tensors of shape (3,)."""
+    """Recorded HED jitter: per-stain (H, E, D) ``scale`` and ``shift`` as plain floats."""
 
-    scale: Tensor
-    shift: Tensor
+    scale: tuple[float, float, float]
+    shift: tuple[float, float, float]
 
 
 class HEDJitter:
@@ -112,7 +113,7 @@ class HEDJitter:
         g = _pick(generator, self.generator)
         scale = 1.0 + self.alpha * _uniform(-1.0, 1.0, g, (3,))
         shift = self.beta * _uniform(-1.0, 1.0, g, (3,))
-        return HEDParams(scale.float(), shift.float())
+        return HEDParams(tuple(scale.tolist()), tuple(shift.tolist()))
 
     def __call__(self, image: Image.Image | Tensor) -> Tensor:
         return hed_jitter(to_tensor01(image), *self.sample())
@@ -162,14 +163,12 @@ def color_jitter(x: Tensor, params: ColorParams) -> Tensor:
         x: RGB floats in [0, 1], (3, H, W) or (B, 3, H, W).
         params: Factors (1 = unchanged), hue shift in [-0.5, 0.5] and op order (0=b, 1=c, 2=s, 3=h).
     """
-    ops = (
-        lambda t: TF.adjust_brightness(t, params.brightness),
-        lambda t: TF.adjust_contrast(t, params.contrast),
-        lambda t: TF.adjust_saturation(t, params.saturation),
-        lambda t: TF.adjust_hue(t, params.hue),
-    )
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    values = (params.brightness, params.contrast, params.saturation, params.hue)
+    identity = (1.0, 1.0, 1.0, 0.0)
     for i in params.order:
-        x = ops[i](x)
+        if values[i] != identity[i]:  # skip no-ops (hue is the slow one)
+            x = ops[i](x, values[i])
     return x
 
 
@@ -240,7 +239,7 @@ def sample_crop_box(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
 ) -> tuple[int, int, int, int]:
-    """Draw a RandomResizedCrop box ``(top, left, h, w)`` exactly as torchvision does, seeded.
+    """Draw a RandomResizedCrop box ``(top, left, h, w)`` with torchvision's algorithm, seeded.
 
     Args:
         height, width: Image size in pixels.

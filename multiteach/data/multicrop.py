@@ -52,6 +52,30 @@ class ViewParams:
     color: ColorParams | None = None
     blur_sigma: float | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable form (for a feature cache)."""
+        return {
+            "box": list(self.box),
+            "size": self.size,
+            "k": self.k,
+            "hed": None if self.hed is None else {"scale": list(self.hed.scale), "shift": list(self.hed.shift)},
+            "color": None if self.color is None else {**self.color._asdict(), "order": list(self.color.order)},
+            "blur_sigma": self.blur_sigma,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViewParams:
+        """Inverse of ``to_dict``."""
+        hed, color = d.get("hed"), d.get("color")
+        return cls(
+            box=(int(d["box"][0]), int(d["box"][1]), int(d["box"][2]), int(d["box"][3])),
+            size=int(d["size"]),
+            k=int(d.get("k", 0)),
+            hed=None if hed is None else HEDParams(tuple(hed["scale"]), tuple(hed["shift"])),
+            color=None if color is None else ColorParams(**{**color, "order": tuple(color["order"])}),
+            blur_sigma=d.get("blur_sigma"),
+        )
+
 
 def apply_view(image: Image.Image | Tensor, params: ViewParams) -> Tensor:
     """Build one view: crop+resize, rotate/flip, HED jitter, colour jitter, blur, in that order.

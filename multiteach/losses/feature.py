@@ -24,6 +24,7 @@ GPFM_PATCH_WEIGHTS: Mapping[str, float] = {"cosine": 0.9, "smooth_l1": 0.1}
 
 
 def _check_shapes(s: torch.Tensor, t: torch.Tensor, name: str) -> None:
+    """Raise a MultiteachError naming ``name`` unless ``s`` and ``t`` have identical shapes."""
     if s.shape != t.shape:
         raise MultiteachError(
             f"{name}: student and teacher features must have the same shape, got {tuple(s.shape)} "
@@ -155,6 +156,7 @@ def get_distance(name: str) -> Distance:
 
 
 def _as_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """``h`` -> ``(h, h)``; ``(h, w)`` unchanged."""
     return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
 
 

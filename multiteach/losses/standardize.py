@@ -55,6 +55,7 @@ def _merge(
 
 
 def _flatten(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:
+    """(..., D) -> (M, D) rows, raising a MultiteachError naming ``who`` if the last dimension is not ``dim``."""
     if x.shape[-1] != dim:
         raise MultiteachError(f"{who}: expected features with last dimension {dim}, got {tuple(x.shape)}.")
     return x.reshape(-1, dim)
@@ -134,10 +135,12 @@ class RunningStandardizer(nn.Module):
 
 
 def _is_prime(n: int) -> bool:
+    """Trial-division primality test (orders here are at most a few thousand)."""
     return n >= 2 and all(n % k for k in range(2, math.isqrt(n) + 1))
 
 
 def _sylvester(n: int) -> torch.Tensor:
+    """+-1 Sylvester Hadamard matrix (n, n) in float64, n a power of two."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
@@ -145,7 +148,9 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 def _conference(q: int, antisymmetric: bool) -> torch.Tensor:
-    """(q+1)x(q+1) Paley conference core: a border of ones around the Jacobsthal matrix of GF(q), q prime."""
+    """(q+1)x(q+1) Paley conference matrix, q prime: zero corner, top row of ones, left column of ones
+    (minus ones if ``antisymmetric``), and the Jacobsthal matrix ``chi(i - j)`` of GF(q) (Legendre symbol).
+    """
     residues = torch.zeros(q, dtype=torch.bool)
     residues[torch.arange(1, q) ** 2 % q] = True
     idx = torch.arange(q)
@@ -174,7 +179,9 @@ def _paley(order: int) -> torch.Tensor:
     q = order // 2 - 1  # double the symmetric conference matrix: 0 -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
     ones = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    return torch.kron(_conference(q, antisymmetric=False), ones) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+    return torch.kron(_conference(q, antisymmetric=False), ones) + torch.kron(
+        torch.eye(q + 1, dtype=torch.float64), zero
+    )
 
 
 def _hadamard_plan(dim: int) -> tuple[int, int] | None:
@@ -281,9 +288,7 @@ class PhiSStandardizer(nn.Module):
         if self._count is None:
             self._count, self._acc_mean, self._acc_m2 = m, bmean, bm2
         else:
-            self._count, self._acc_mean, self._acc_m2 = _merge(
-                self._count, self._acc_mean, self._acc_m2, m, bmean, bm2
-            )
+            self._count, self._acc_mean, self._acc_m2 = _merge(self._count, self._acc_mean, self._acc_m2, m, bmean, bm2)
 
     @torch.no_grad()
     def finalize(self) -> PhiSStandardizer:

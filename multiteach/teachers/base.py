@@ -245,7 +245,10 @@ class Teacher(nn.Module):
         use_bf16 = self.dtype == torch.bfloat16
         autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with autocast:
-            return self.backbone(x)
+            out = self.backbone(x)
+        if use_bf16:
+            out = TeacherOutput(out.summary.float(), out.patch_tokens.float(), out.grid)
+        return out
 
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, input_size={self.input_size}, dtype={self.dtype}"

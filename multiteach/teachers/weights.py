@@ -140,8 +140,8 @@ def assign_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [(k, tuple(expected[k].shape), tuple(v.shape)) for k, v in state_dict.items()
-             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [(k, tuple(t.shape), tuple(state_dict[k].shape)) for k, t in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape)]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
