@@ -60,12 +60,18 @@ def load_rss() -> dict:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         del model
         size = path.stat().st_size
-        out = subprocess.run([sys.executable, __file__, "--child-load", str(path)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-load", str(path)], capture_output=True, text=True, check=True
+        )
         rec = json.loads(out.stdout.strip().splitlines()[-1])
     growth = rec["peak_after"] - max(rec["rss_before"], 0)
-    return {"bench": "teacher_load_rss", "weights_bytes": size, "peak_rss_growth_bytes": growth,
-            "ratio_to_file": round(growth / size, 3), "goal": "<= 1.2"}
+    return {
+        "bench": "teacher_load_rss",
+        "weights_bytes": size,
+        "peak_rss_growth_bytes": growth,
+        "ratio_to_file": round(growth / size, 3),
+        "goal": "<= 1.2",
+    }
 
 
 def main() -> None:
@@ -78,14 +84,23 @@ def main() -> None:
     if args.child_load:
         _load_and_report(args.child_load)
         return
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     summary = []
     for size in args.sizes:
         fp32 = throughput(ARCHS[size], "float32", args.batch, args.iters)
         bf16 = throughput(ARCHS[size], "bfloat16", args.batch, args.iters)
-        rec = {"bench": "teacher_forward", "arch": ARCHS[size], "res": 224, "batch": args.batch,
-               "img_s_fp32": round(fp32, 2), "img_s_bf16": round(bf16, 2), "bf16_speedup": round(bf16 / fp32, 2),
-               "machine": machine}
+        rec = {
+            "bench": "teacher_forward",
+            "arch": ARCHS[size],
+            "res": 224,
+            "batch": args.batch,
+            "img_s_fp32": round(fp32, 2),
+            "img_s_bf16": round(bf16, 2),
+            "bf16_speedup": round(bf16 / fp32, 2),
+            "machine": machine,
+        }
         print(json.dumps(rec))
         summary.append(f"{size}: {fp32:.1f} -> {bf16:.1f} img/s bf16 ({bf16 / fp32:.2f}x)")
     rss = load_rss()

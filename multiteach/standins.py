@@ -28,15 +28,36 @@ from multiteach.layers import resolve_layer_kwargs
 # Architecture kwargs of the tiny stand-ins, by family; each keeps its family's token layout traits.
 TINY_TIMM: dict[str, tuple[str, dict[str, Any]]] = {
     # ViT-L/16 family (UNI): CLS only, LayerScale
-    "uni": ("vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5, "embed_dim": 64, "depth": 2,
-                                      "num_heads": 2}),
+    "uni": (
+        "vit_large_patch16_224",
+        {"img_size": 224, "init_values": 1e-5, "embed_dim": 64, "depth": 2, "num_heads": 2},
+    ),
     # ViT-g/14 reg4 SwiGLU family (H-optimus-0/1, H0-mini): CLS + 4 registers
-    "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.33334,
-                                                      "embed_dim": 96, "depth": 2, "num_heads": 2,
-                                                      "no_embed_class": True}),
+    "h-optimus-0": (
+        "vit_giant_patch14_reg4_dinov2",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.33334,
+            "embed_dim": 96,
+            "depth": 2,
+            "num_heads": 2,
+            "no_embed_class": True,
+        },
+    ),
     # ViT-H/14 SwiGLU family (Virchow2): CLS + 4 registers, CLS||mean embedding
-    "virchow2": ("vit_huge_patch14_224", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
-                                          "embed_dim": 96, "depth": 2, "num_heads": 2}),
+    "virchow2": (
+        "vit_huge_patch14_224",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.3375,
+            "reg_tokens": 4,
+            "embed_dim": 96,
+            "depth": 2,
+            "num_heads": 2,
+        },
+    ),
 }
 SWIGLU_FAMILIES = {"h-optimus-0", "virchow2"}
 
@@ -68,8 +89,15 @@ def write_cache_repo(cache_dir: str | Path, repo_id: str, files: dict[str, Calla
     return snap
 
 
-def timm_config(arch: str, model_args: dict[str, Any], num_features: int, mean: tuple[float, ...],
-                std: tuple[float, ...], input_size: int, interpolation: str = "bicubic") -> dict[str, Any]:
+def timm_config(
+    arch: str,
+    model_args: dict[str, Any],
+    num_features: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_size: int,
+    interpolation: str = "bicubic",
+) -> dict[str, Any]:
     """A timm hub ``config.json`` as the public repos write it (non-JSON layer args left out)."""
     return {
         "architecture": arch,
@@ -98,8 +126,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
-def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                            ) -> None:
+def atomic_save_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors via a temp file + rename (a crash never leaves a half file)."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -133,8 +162,15 @@ def tiny_timm(family: str, seed: int = 0) -> tuple[nn.Module, str, dict[str, Any
     return model, arch, args
 
 
-def save_timm_folder(model: nn.Module, folder: str | Path, arch: str, model_args: dict[str, Any],
-                     mean: tuple[float, ...], std: tuple[float, ...], input_size: int = 224) -> Path:
+def save_timm_folder(
+    model: nn.Module,
+    folder: str | Path,
+    arch: str,
+    model_args: dict[str, Any],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_size: int = 224,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in timm's hub layout."""
     folder = Path(folder)
     cfg = timm_config(arch, model_args, int(model.num_features), mean, std, input_size)
@@ -143,15 +179,27 @@ def save_timm_folder(model: nn.Module, folder: str | Path, arch: str, model_args
     return folder
 
 
-def timm_to_cache(model: nn.Module, cache_dir: str | Path, repo_id: str, arch: str, model_args: dict[str, Any],
-                  mean: tuple[float, ...], std: tuple[float, ...], input_size: int = 224) -> Path:
+def timm_to_cache(
+    model: nn.Module,
+    cache_dir: str | Path,
+    repo_id: str,
+    arch: str,
+    model_args: dict[str, Any],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_size: int = 224,
+) -> Path:
     """Place a timm model into a hand-built HF cache entry for ``repo_id``."""
     with tempfile.TemporaryDirectory() as tmp:
         save_timm_folder(model, tmp, arch, model_args, mean, std, input_size)
-        return write_cache_repo(cache_dir, repo_id, {
-            name: (lambda dst, n=name: shutil.copyfile(Path(tmp) / n, dst)) for name in ("config.json",
-                                                                                         "model.safetensors")
-        })
+        return write_cache_repo(
+            cache_dir,
+            repo_id,
+            {
+                name: (lambda dst, n=name: shutil.copyfile(Path(tmp) / n, dst))
+                for name in ("config.json", "model.safetensors")
+            },
+        )
 
 
 def tiny_hf_vit(kind: str = "vit", seed: int = 0) -> nn.Module:
@@ -159,8 +207,13 @@ def tiny_hf_vit(kind: str = "vit", seed: int = 0) -> nn.Module:
     import transformers
 
     torch.manual_seed(seed)
-    common = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-              "image_size": 224}
+    common = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "image_size": 224,
+    }
     if kind == "vit":
         return transformers.ViTModel(transformers.ViTConfig(patch_size=16, **common), add_pooling_layer=False).eval()
     if kind == "dinov2":
@@ -171,8 +224,11 @@ def tiny_hf_vit(kind: str = "vit", seed: int = 0) -> nn.Module:
     raise ValueError(f"unknown transformers stand-in {kind!r}")
 
 
-TINY_CONCH = {"embed_dim": 32, "embed_dim_caption": 48,
-              "vision_cfg": {"layers": 2, "width": 64, "num_heads": 2, "image_size": 64, "n_queries_caption": 4}}
+TINY_CONCH = {
+    "embed_dim": 32,
+    "embed_dim_caption": 48,
+    "vision_cfg": {"layers": 2, "width": 64, "num_heads": 2, "image_size": 64, "n_queries_caption": 4},
+}
 
 
 def tiny_conch_state(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -38,8 +38,12 @@ def test_shim_never_touches_a_cuda_build(monkeypatch):
 @needs_install
 @pytest.mark.parametrize("code", ["import timm; print(timm.__version__)", "import open_clip, transformers"])
 def test_third_party_imports_work_without_importing_multiteach(code):
-    res = subprocess.run([sys.executable, "-c", code + "; import sys; assert 'multiteach' not in sys.modules"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code + "; import sys; assert 'multiteach' not in sys.modules"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -62,8 +66,7 @@ def test_teachers_cli_json(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    res = subprocess.run([sys.executable, "-m", "multiteach", "teachers"], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-m", "multiteach", "teachers"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| h-optimus-0 | 1536 (cls) | 14 | 261 | 1134.77M |" in res.stdout
 

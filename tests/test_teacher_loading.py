@@ -65,17 +65,22 @@ def test_timm_local_dir_and_weights_override(tmp_path):
     out = teacher(x)
     assert torch.equal(out.summary, torch.cat([ref[:, 0], ref[:, 5:].mean(1)], -1))
     assert out.summary.shape[-1] == 2 * 96
-    generic = build_teacher(f"local-dir:{tmp_path / 'v2'}", model_kwargs={"mlp_layer": "swiglu_packed",
-                                                                         "act_layer": "silu"})
+    generic = build_teacher(
+        f"local-dir:{tmp_path / 'v2'}", model_kwargs={"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+    )
     assert torch.equal(generic(x).patch_tokens, ref[:, 5:])
 
 
 def test_transformers_hub_cache_and_folder(hf_cache, tmp_path):
     vit = tiny_hf_vit("vit", seed=4)
-    write_cache_repo(hf_cache, "owkin/phikon", {
-        "config.json": lambda p: vit.config.to_json_file(p),
-        "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(p)),
-    })
+    write_cache_repo(
+        hf_cache,
+        "owkin/phikon",
+        {
+            "config.json": lambda p: vit.config.to_json_file(p),
+            "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(p)),
+        },
+    )
     x = images()
     out = build_teacher("phikon")(x)
     with torch.inference_mode():
@@ -93,10 +98,14 @@ def test_transformers_hub_cache_and_folder(hf_cache, tmp_path):
 
 def test_conch_hub_cache_bit_exact(hf_cache):
     visual, state = tiny_conch_state(seed=6)
-    write_cache_repo(hf_cache, "MahmoodLab/CONCH", {
-        "meta.yaml": lambda p: p.write_text("model: conch_ViT-B-16\n"),
-        "pytorch_model.bin": lambda p: torch.save(state, p),
-    })
+    write_cache_repo(
+        hf_cache,
+        "MahmoodLab/CONCH",
+        {
+            "meta.yaml": lambda p: p.write_text("model: conch_ViT-B-16\n"),
+            "pytorch_model.bin": lambda p: torch.save(state, p),
+        },
+    )
     teacher = build_teacher("conch", model_kwargs=TINY_CONCH, input_size=64)
     x = images(size=64)
     out = teacher(x)
@@ -117,15 +126,18 @@ def test_open_clip_local_dir(tmp_path):
 
     import open_clip
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
-                                           "head_width": 32},
-           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
     torch.manual_seed(7)
     model = open_clip.CLIP(**cfg).eval()
     folder = tmp_path / "oc"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}})
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     teacher = build_teacher(f"open_clip:local-dir:{folder}")
     x = images(size=64)

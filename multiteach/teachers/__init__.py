@@ -33,22 +33,31 @@ LOADERS: dict[str, ModuleType] = {
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 GENERIC_PREFIXES = ("hf-hub:", "local-dir:", "transformers:", "open_clip:")
 
-__all__ = ["CATALOG", "LOADERS", "Teacher", "TeacherOutput", "TeacherSpec", "TokenBackbone", "build_teacher",
-           "resolve_spec", "teacher_architecture"]
+__all__ = [
+    "CATALOG",
+    "LOADERS",
+    "Teacher",
+    "TeacherOutput",
+    "TeacherSpec",
+    "TokenBackbone",
+    "build_teacher",
+    "resolve_spec",
+    "teacher_architecture",
+]
 
 
 def _generic_spec(source: str) -> TeacherSpec | None:
     """A spec for a generic source string; layout fields are filled in at load time."""
     base = {"name": source, "embed_dim": 0, "patch_size": 1, "num_prefix_tokens": 1}
     if source.startswith("hf-hub:"):
-        return TeacherSpec(loader="timm", hub_id=source[len("hf-hub:"):], arch="", **base)
+        return TeacherSpec(loader="timm", hub_id=source[len("hf-hub:") :], arch="", **base)
     if source.startswith("local-dir:"):
-        return TeacherSpec(loader="timm", hub_id=None, arch="", weights=source[len("local-dir:"):], **base)
+        return TeacherSpec(loader="timm", hub_id=None, arch="", weights=source[len("local-dir:") :], **base)
     if source.startswith("transformers:"):
-        ref = source[len("transformers:"):]
+        ref = source[len("transformers:") :]
         return TeacherSpec(loader="transformers", hub_id=ref, arch="ViTConfig", **base)
     if source.startswith("open_clip:"):
-        return TeacherSpec(loader="open_clip", hub_id=None, arch=source[len("open_clip:"):], **base)
+        return TeacherSpec(loader="open_clip", hub_id=None, arch=source[len("open_clip:") :], **base)
     if timm.is_model(source):
         return TeacherSpec(loader="timm", hub_id=None, arch=source, **base)
     return None
@@ -77,9 +86,7 @@ def resolve_spec(name: str, **overrides: Any) -> TeacherSpec:
     fields = set(TeacherSpec.__dataclass_fields__)
     bad = [k for k in overrides if k not in fields]
     if bad:
-        raise MultiteachError(
-            f"teacher {name!r}: unknown field(s) {', '.join(bad)}.{did_you_mean(bad[0], fields)}"
-        )
+        raise MultiteachError(f"teacher {name!r}: unknown field(s) {', '.join(bad)}.{did_you_mean(bad[0], fields)}")
     return spec.replace(**overrides) if overrides else spec
 
 
@@ -95,9 +102,16 @@ def teacher_architecture(name: str, **overrides: Any) -> nn.Module:
     return loader.architecture(spec)
 
 
-def build_teacher(name: str, *, weights: str | None = None, input_size: int | None = None,
-                  dtype: str | torch.dtype = "float32", pretrained: bool = True, device: str | torch.device = "cpu",
-                  **overrides: Any) -> Teacher:
+def build_teacher(
+    name: str,
+    *,
+    weights: str | None = None,
+    input_size: int | None = None,
+    dtype: str | torch.dtype = "float32",
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> Teacher:
     """Load a frozen teacher ready to embed (B, 3, H, W) RGB batches in [0, 1].
 
     Args:

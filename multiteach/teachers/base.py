@@ -139,8 +139,13 @@ class TokenBackbone(nn.Module):
         raise NotImplementedError
 
 
-def split_tokens(tokens: torch.Tensor, num_prefix: int, grid: tuple[int, int], embedding: Embedding,
-                 pooled: torch.Tensor | None = None) -> TeacherOutput:
+def split_tokens(
+    tokens: torch.Tensor,
+    num_prefix: int,
+    grid: tuple[int, int],
+    embedding: Embedding,
+    pooled: torch.Tensor | None = None,
+) -> TeacherOutput:
     """Split a (B, prefix + N, D) token sequence into summary and patch tokens.
 
     Args:
@@ -204,8 +209,13 @@ class Teacher(nn.Module):
         patch_tokens (B, h*w, D_patch), grid (h, w)).
     """
 
-    def __init__(self, spec: TeacherSpec, backbone: TokenBackbone, input_size: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        backbone: TokenBackbone,
+        input_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = backbone
@@ -229,8 +239,9 @@ class Teacher(nn.Module):
         check_image_batch(x, f"teacher {self.spec.name!r}")
         size = self.input_size
         if size and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x.float(), size=(size, size), mode=self.spec.interpolation,
-                              align_corners=False, antialias=True).clamp_(0, 1)
+            x = F.interpolate(
+                x.float(), size=(size, size), mode=self.spec.interpolation, align_corners=False, antialias=True
+            ).clamp_(0, 1)
         elif size == 0 and (x.shape[-1] % self.spec.patch_size or x.shape[-2] % self.spec.patch_size):
             raise MultiteachError(
                 f"teacher {self.spec.name!r}: input {tuple(x.shape[-2:])} is not a multiple of patch size "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from multiteach.teachers.weights import assign_state_dict, hub_file, hub_weights
 
 def _conch():
     try:
-        from conch.open_clip_custom import coca_model
+        with warnings.catch_warnings():  # the package imports timm.models.layers (deprecated alias)
+            warnings.simplefilter("ignore", FutureWarning)
+            from conch.open_clip_custom import coca_model
     except ImportError:
         raise MultiteachError(
             "CONCH needs the `conch` package: pip install 'multiteach[conch]' (or pip install --no-deps conch-fork)"
@@ -84,8 +87,9 @@ def _files(spec: TeacherSpec) -> Path:
     return hub_weights(spec.hub_id, spec.gated, ("pytorch_model.bin",))
 
 
-def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
-         ) -> tuple[ConchTokens, TeacherSpec]:
+def load(
+    spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[ConchTokens, TeacherSpec]:
     """Build CONCH's visual tower on meta and assign the ``visual.*`` weights."""
     visual = architecture(spec, device="meta" if pretrained else "cpu")
     if pretrained:
@@ -94,14 +98,16 @@ def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.
             hub_file(spec.hub_id, "meta.yaml", spec.gated)  # the repo's own marker file, as conch's loader reads it
         sd = read_state_dict(path)
         if any(k.startswith("visual.") for k in sd):  # full CoCa checkpoint: keep the image tower
-            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+            sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
         assign_state_dict(visual, sd, path, dtype)
     else:
         visual = visual.to(dtype)
     visual.eval()
     trunk = visual.trunk
-    resolved = spec.replace(embed_dim=int(trunk.num_features), patch_size=int(trunk.patch_embed.patch_size[0]),
-                            num_prefix_tokens=int(trunk.num_prefix_tokens),
-                            summary_dim=int(visual.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled"
-                            else None)
+    resolved = spec.replace(
+        embed_dim=int(trunk.num_features),
+        patch_size=int(trunk.patch_embed.patch_size[0]),
+        num_prefix_tokens=int(trunk.num_prefix_tokens),
+        summary_dim=int(visual.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled" else None,
+    )
     return ConchTokens(visual, spec.embedding), resolved

@@ -31,24 +31,26 @@ def catalog_rows() -> list[dict[str, Any]]:
     rows = []
     for name in CATALOG:
         spec = CATALOG.get(name)
-        rows.append({
-            "name": name,
-            "hub_id": spec.hub_id,
-            "loader": spec.loader,
-            "dim": spec.summary_dim,
-            "patch_dim": spec.embed_dim,
-            "patch": spec.patch_size,
-            "tokens@224": spec.tokens_at(224),
-            "prefix_tokens": spec.num_prefix_tokens,
-            "params": _params(spec),
-            "input": spec.input_size,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "embedding": spec.embedding,
-            "licence": spec.license,
-            "gated": spec.gated,
-            "noncommercial_derivatives": spec.noncommercial_derivatives,
-        })
+        rows.append(
+            {
+                "name": name,
+                "hub_id": spec.hub_id,
+                "loader": spec.loader,
+                "dim": spec.summary_dim,
+                "patch_dim": spec.embed_dim,
+                "patch": spec.patch_size,
+                "tokens@224": spec.tokens_at(224),
+                "prefix_tokens": spec.num_prefix_tokens,
+                "params": _params(spec),
+                "input": spec.input_size,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "embedding": spec.embedding,
+                "licence": spec.license,
+                "gated": spec.gated,
+                "noncommercial_derivatives": spec.noncommercial_derivatives,
+            }
+        )
     return rows
 
 

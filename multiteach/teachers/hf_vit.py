@@ -69,8 +69,9 @@ def _num_prefix(config: Any) -> int:
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
 
-def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
-         ) -> tuple[HFTokens, TeacherSpec]:
+def load(
+    spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[HFTokens, TeacherSpec]:
     """Load a transformers teacher from ``weights:`` (a folder) or its hub id.
 
     Returns:
@@ -106,6 +107,7 @@ def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.
     model = model.to(dtype).eval()
     cfg = model.config
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-    resolved = spec.replace(embed_dim=int(cfg.hidden_size), patch_size=int(patch),
-                            num_prefix_tokens=_num_prefix(cfg), summary_dim=None)
+    resolved = spec.replace(
+        embed_dim=int(cfg.hidden_size), patch_size=int(patch), num_prefix_tokens=_num_prefix(cfg), summary_dim=None
+    )
     return HFTokens(model, spec.embedding, resolved.num_prefix_tokens, resolved.patch_size), resolved

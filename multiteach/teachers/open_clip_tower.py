@@ -36,8 +36,9 @@ class OpenClipTokens(TokenBackbone):
         return split_tokens(tokens, 0, grid, "pooled", pooled)
 
 
-def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
-         ) -> tuple[OpenClipTokens, TeacherSpec]:
+def load(
+    spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[OpenClipTokens, TeacherSpec]:
     """Load an open_clip model and keep its image tower."""
     import open_clip
 
@@ -46,7 +47,8 @@ def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.
             model, preprocess = open_clip.create_model_from_pretrained(spec.arch)
         else:
             model, preprocess = open_clip.create_model_from_pretrained(
-                spec.arch, pretrained=spec.weights if pretrained else None)
+                spec.arch, pretrained=spec.weights if pretrained else None
+            )
     except RuntimeError as exc:
         raise MultiteachError(f"open_clip could not load {spec.arch!r}: {str(exc).splitlines()[0]}") from None
     visual = model.visual.to(dtype).eval()
@@ -57,9 +59,14 @@ def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.
     mean = tuple(getattr(visual, "image_mean", None) or spec.mean)
     std = tuple(getattr(visual, "image_std", None) or spec.std)
     resolved = spec.replace(
-        embed_dim=int(visual.transformer.width), patch_size=int(visual.patch_size[0]), num_prefix_tokens=1,
-        input_size=int(size[0] if isinstance(size, tuple) else size), mean=mean, std=std,
-        summary_dim=int(visual.output_dim), embedding="pooled",
+        embed_dim=int(visual.transformer.width),
+        patch_size=int(visual.patch_size[0]),
+        num_prefix_tokens=1,
+        input_size=int(size[0] if isinstance(size, tuple) else size),
+        mean=mean,
+        std=std,
+        summary_dim=int(visual.output_dim),
+        embedding="pooled",
     )
     tokens = OpenClipTokens(visual)
     return tokens, resolved

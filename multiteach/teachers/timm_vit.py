@@ -18,7 +18,14 @@ from torch import nn
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
 from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
-from multiteach.teachers.weights import assign_state_dict, hub_file, hub_weights, local_weights, read_json, read_state_dict
+from multiteach.teachers.weights import (
+    assign_state_dict,
+    hub_file,
+    hub_weights,
+    local_weights,
+    read_json,
+    read_state_dict,
+)
 
 CONFIG_FILE = "config.json"
 
@@ -105,8 +112,9 @@ def resolve_spec_from_config(spec: TeacherSpec, config: dict[str, Any]) -> tuple
     return arch, kwargs, spec
 
 
-def load(spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
-         ) -> tuple[TimmTokens, TeacherSpec]:
+def load(
+    spec: TeacherSpec, pretrained: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[TimmTokens, TeacherSpec]:
     """Build a timm teacher and load its weights.
 
     Args:
@@ -147,8 +155,9 @@ def _timm_pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return timm.create_model(arch, pretrained=True, num_classes=0, dynamic_img_size=True,
-                                 **resolve_layer_kwargs(kwargs))
+        return timm.create_model(
+            arch, pretrained=True, num_classes=0, dynamic_img_size=True, **resolve_layer_kwargs(kwargs)
+        )
     except (LocalEntryNotFoundError, OSError) as exc:
         raise MultiteachError(
             f"timm could not fetch pretrained weights for {arch!r} ({type(exc).__name__}); the Hub is unreachable "

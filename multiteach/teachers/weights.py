@@ -69,8 +69,8 @@ def hub_weights(repo_id: str, gated: bool = False, candidates: tuple[str, ...] =
         except (FileNotFoundError, MultiteachError) as exc:
             last = exc
     assert last is not None
-    raise last if isinstance(last, MultiteachError) else MultiteachError(
-        f"{repo_id} has none of {', '.join(candidates)}"
+    raise (
+        last if isinstance(last, MultiteachError) else MultiteachError(f"{repo_id} has none of {', '.join(candidates)}")
     )
 
 
@@ -118,12 +118,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise MultiteachError(f"{path} does not hold a state dict")
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
-def assign_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
-                      dtype: torch.dtype = torch.float32) -> nn.Module:
+def assign_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Load ``state_dict`` into a (meta-device) ``model`` by assignment, after checking every key and shape.
 
     Nothing is modified unless all keys and shapes match, so a failed load leaves no half-loaded model.
@@ -140,8 +141,11 @@ def assign_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [(k, tuple(t.shape), tuple(state_dict[k].shape)) for k, t in expected.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape)]
+    wrong = [
+        (k, tuple(t.shape), tuple(state_dict[k].shape))
+        for k, t in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
