@@ -56,6 +56,7 @@ class TeacherSpec:
         weights: Local file or folder that replaces the Hub download (the recipe's ``weights:``).
         hub_filename: Weights file name in the Hub repo when it is not ``model.safetensors`` or
             ``pytorch_model.bin``.
+        patch_tokens: Whether the teacher gives spatial patch tokens (False for summary-only sources).
         weights_format: Key layout of the weights: ``native`` for the loader's own, ``dinov2``
             for original DINOv2 checkpoints that timm must convert.
         url: Model card address.
@@ -82,6 +83,7 @@ class TeacherSpec:
     weights: str | None = None
     weights_format: Literal["native", "dinov2"] = "native"
     hub_filename: str | None = None
+    patch_tokens: bool = True
     url: str | None = None
     notes: str = ""
 

@@ -1,0 +1,9 @@
+"""The loss library: criteria (feature distances, DINO, iBOT, KoLeo, standardisers) and composable terms.
+
+Importing this package registers the built-in term types in :data:`LOSSES`.
+"""
+
+from multiteach.losses import terms  # noqa: F401  (registers the built-in term types)
+from multiteach.losses.base import LOSSES, BuildInfo, CompositeLoss, LossContext, LossTerm, build_loss
+
+__all__ = ["LOSSES", "BuildInfo", "CompositeLoss", "LossContext", "LossTerm", "build_loss"]

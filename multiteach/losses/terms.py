@@ -1,0 +1,389 @@
+"""The built-in loss term types: expert feature distillation and DINO/iBOT/KoLeo self-distillation.
+
+Feature terms (types ``cosine``, ``smooth_l1``, ``mse``, ``kl``, ``mixed``) project the student's summary or
+patch tokens through the teacher's projection head and compare them with the teacher's (optionally
+standardised) features. ``dino``/``ibot`` compare prototype scores with an EMA copy of the student
+(``target: ema``) or with a frozen expert teacher through frozen heads (``target: <teacher>``, H0-mini).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.heads import DINOHead
+from multiteach.losses.base import LOSSES, BuildInfo, LossContext, LossTerm
+from multiteach.losses.dino import DINOLoss
+from multiteach.losses.feature import DISTANCES, resample_grid
+from multiteach.losses.ibot import IBOTPatchLoss
+from multiteach.losses.koleo import koleo
+from multiteach.losses.standardize import PhiSStandardizer, RunningStandardizer
+from multiteach.teachers.base import TeacherSpec
+
+TARGETS = ("summary", "patch")
+RESAMPLE_MODES = ("bicubic", "bilinear", "none")
+STANDARDIZERS = ("none", "running", "phi-s")
+
+
+def _choice(term: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise MultiteachError(
+            f"losses.{term}.{key}: {value!r} is not allowed.{did_you_mean(str(value), allowed)} "
+            f"Allowed: {', '.join(allowed)}."
+        )
+    return value
+
+
+def _teacher_spec(term: str, teacher: Any, info: BuildInfo, key: str = "teacher") -> TeacherSpec:
+    if teacher not in info.teachers:
+        known = ", ".join(info.teachers) or "none"
+        raise MultiteachError(
+            f"losses.{term}.{key}: teacher {teacher!r} is not configured under `teachers:`."
+            f"{did_you_mean(str(teacher), info.teachers)} Configured: {known}."
+        )
+    return info.teachers[teacher]
+
+
+def _grid_aligned(
+    tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mode: str, term: str
+) -> torch.Tensor:
+    """Resample (B, h*w, D) tokens to ``target`` grid, or fail when resampling is off."""
+    if tuple(grid) == tuple(target):
+        return tokens
+    if mode == "none":
+        raise MultiteachError(
+            f"losses.{term}: student grid {target} and teacher grid {grid} differ and resample is 'none'; "
+            "set resample: bicubic (or bilinear), or give the student and teacher matching grids"
+        )
+    return resample_grid(tokens, grid, target, mode=mode)
+
+
+class FeatureTerm(LossTerm):
+    """Distance between projected student features and a teacher's features.
+
+    Recipe keys: ``teacher``, ``on`` (summary|patch), ``resample`` (bicubic|bilinear|none),
+    ``resample_to`` (student|teacher grid), ``standardize`` (none|running|phi-s), and the distance's
+    own options (``beta`` for smooth_l1, ``temperature`` for kl, ``mix`` for mixed).
+
+    Shapes:
+        summary: student (B, D_s) -> head -> (B, D_t) vs teacher (B, D_t).
+        patch: student (B, N_s, D_s) -> head -> (B, N, D_t) vs teacher (B, N, D_t) after grid resampling.
+    """
+
+    distance_name = ""
+    distance_keys: tuple[str, ...] = ()
+    allowed_keys = ("teacher", "on", "resample", "resample_to", "standardize")
+
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        teacher: str,
+        on: str = "summary",
+        resample: str = "bicubic",
+        resample_to: str = "student",
+        standardize: str = "none",
+        dim: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(name, weight)
+        self.teacher = teacher
+        self.on = _choice(name, "on", on, TARGETS)
+        self.resample = _choice(name, "resample", resample, RESAMPLE_MODES)
+        self.resample_to = _choice(name, "resample_to", resample_to, ("student", "teacher"))
+        self.standardize_kind = _choice(name, "standardize", standardize, STANDARDIZERS)
+        self.dim = dim
+        self.options = options
+        self.distance = DISTANCES[self.distance_name]
+        self.standardizer: nn.Module | None = {
+            "none": None,
+            "running": RunningStandardizer(dim),
+            "phi-s": PhiSStandardizer(dim),
+        }[standardize]
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any], info: BuildInfo) -> FeatureTerm:
+        if "teacher" not in cfg:
+            raise MultiteachError(
+                f"losses.{name}: a {cfg['type']} term needs `teacher:` (one of {', '.join(info.teachers)})"
+            )
+        spec = _teacher_spec(name, cfg["teacher"], info)
+        on = _choice(name, "on", cfg.get("on", "summary"), TARGETS)
+        if on == "patch" and not spec.patch_tokens:
+            raise MultiteachError(
+                f"losses.{name}: on: patch, but teacher {cfg['teacher']!r} gives no patch tokens; use on: summary"
+            )
+        dim = spec.summary_dim if on == "summary" else spec.embed_dim
+        kwargs = {k: v for k, v in cfg.items() if k not in ("type", "weight")}
+        return cls(name, cfg["weight"], dim=dim, **kwargs)
+
+    def head_targets(self) -> dict[str, dict[str, int]]:
+        return {self.teacher: {self.on: self.dim}}
+
+    def _target(self, t: torch.Tensor) -> torch.Tensor:
+        if self.standardizer is None:
+            return t
+        if self.training:
+            self.standardizer.update(t)
+            if isinstance(self.standardizer, PhiSStandardizer):
+                self.standardizer.finalize()
+        return self.standardizer(t)
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        """Unweighted distance for this step."""
+        student, teacher = ctx.student_global, ctx.teachers[self.teacher]
+        if self.on == "summary":
+            s, t = ctx.heads(self.teacher, "summary", student.summary), teacher.summary
+        else:
+            s, t = student.patch_tokens, teacher.patch_tokens
+            if self.resample_to == "student":
+                t = _grid_aligned(t, teacher.grid, student.grid, self.resample, self.name)
+            else:
+                s = _grid_aligned(s, student.grid, teacher.grid, self.resample, self.name)
+            s = ctx.heads(self.teacher, "patch", s)
+        t = self._target(t.float())
+        return self.distance(s.float(), t, **self.options)
+
+
+def _feature_type(distance: str, keys: tuple[str, ...]) -> type[FeatureTerm]:
+    cls = type(
+        f"{distance.title().replace('_', '')}Term",
+        (FeatureTerm,),
+        {
+            "distance_name": distance,
+            "allowed_keys": (*FeatureTerm.allowed_keys, *keys),
+            "__doc__": f"Feature distillation with the ``{distance}`` distance (see :class:`FeatureTerm`).",
+        },
+    )
+    LOSSES.register(distance, cls)
+    return cls
+
+
+CosineTerm = _feature_type("cosine", ())
+SmoothL1Term = _feature_type("smooth_l1", ("beta",))
+MSETerm = _feature_type("mse", ())
+KLTerm = _feature_type("kl", ("temperature",))
+MixedTerm = _feature_type("mixed", ("weights",))
+
+
+class _PrototypeTerm(LossTerm):
+    """Shared machinery of DINO and iBOT: a student prototype head and its target branch."""
+
+    allowed_keys = (
+        "out_dim",
+        "hidden_dim",
+        "bottleneck_dim",
+        "nlayers",
+        "student_temp",
+        "center_momentum",
+        "centering",
+        "target",
+        "target_heads",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        student_dim: int,
+        target_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        target: str = "ema",
+        target_heads: str | None = None,
+    ) -> None:
+        super().__init__(name, weight)
+        self.target = target
+        self.teacher = None if target == "ema" else target
+        head_kw = {"out_dim": out_dim, "hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim, "nlayers": nlayers}
+        self.head = DINOHead(student_dim, **head_kw)
+        self.target_head: DINOHead | None = None
+        self.target_ready = target == "ema"
+        if self.teacher is not None:
+            self.target_head = DINOHead(target_dim, **head_kw).requires_grad_(False)
+            if target_heads:
+                self.load_target_head(target_heads)
+
+    def load_target_head(self, path: str | Path) -> None:
+        """Load the frozen expert head from a safetensors file (keys of a :class:`DINOHead`)."""
+        from safetensors.torch import load_file
+
+        from multiteach.teachers.weights import assign_state_dict
+
+        path = Path(path)
+        if not path.is_file():
+            raise MultiteachError(f"losses.{self.name}.target_heads: {path} does not exist")
+        assign_state_dict(self.target_head, load_file(str(path)), path)
+        self.target_head.requires_grad_(False)
+        self.target_ready = True
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any], info: BuildInfo) -> LossTerm:
+        kwargs = {k: v for k, v in cfg.items() if k not in ("type", "weight")}
+        target = kwargs.get("target", "ema")
+        target_dim = info.student_dim
+        if target != "ema":
+            spec = _teacher_spec(name, target, info, key="target")
+            target_dim = cls._target_dim(spec)
+        return cls(name, cfg["weight"], student_dim=info.student_dim, target_dim=target_dim, **kwargs)
+
+    @staticmethod
+    def _target_dim(spec: TeacherSpec) -> int:
+        return spec.summary_dim
+
+    def _target_head(self, ctx: LossContext) -> nn.Module:
+        """The target branch's head: the EMA twin's (``target: ema``) or the frozen expert head."""
+        if self.teacher is None:
+            if ctx.ema_global is None or ctx.ema_terms is None:
+                raise MultiteachError(f"losses.{self.name}: target 'ema' needs the EMA student's outputs")
+            return ctx.ema_terms[self.name].head
+        if not self.target_ready:
+            raise MultiteachError(
+                f"losses.{self.name}: the expert heads of {self.teacher!r} are not loaded; set target_heads: "
+                "PATH.safetensors, or fit them first on cached teacher features"
+            )
+        return self.target_head
+
+
+@LOSSES.register("dino")
+class DINOTerm(_PrototypeTerm):
+    """DINO on the summary (CLS): student global+local crops vs the target branch on global crops.
+
+    Recipe keys: ``out_dim`` (prototypes), ``hidden_dim``, ``bottleneck_dim``, ``nlayers``, ``student_temp``,
+    ``center_momentum``, ``centering`` (softmax|sinkhorn_knopp), ``local_crops`` (true|false),
+    ``same_view_pairs`` (also pair each view with itself), ``target`` (ema|teacher), ``target_heads``.
+    """
+
+    allowed_keys = (*_PrototypeTerm.allowed_keys, "local_crops", "same_view_pairs")
+
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        student_dim: int,
+        target_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "softmax",
+        local_crops: bool = True,
+        same_view_pairs: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, weight, student_dim, target_dim, **kwargs)
+        self.loss = DINOLoss(self.head.out_dim, student_temp, center_momentum, centering)
+        self.local_crops = local_crops
+        self.same_view_pairs = same_view_pairs
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        """DINO cross-entropy averaged over (student crop, target crop) pairs."""
+        n = ctx.n_global
+        students = list(self.head(ctx.student_global.summary).chunk(n))
+        if self.local_crops and ctx.student_local is not None:
+            n_local = ctx.student_local.summary.shape[0] // (ctx.student_global.summary.shape[0] // n)
+            students += list(self.head(ctx.student_local.summary).chunk(n_local))
+        source = ctx.ema_global if self.teacher is None else ctx.teachers[self.teacher]
+        head = self._target_head(ctx)
+        with torch.no_grad():
+            t_logits = head(source.summary)
+            probs = self.loss.teacher_probs(t_logits, ctx.teacher_temp).chunk(n)
+        value = self.loss(students, list(probs), ignore_diagonal=not self.same_view_pairs)
+        if self.training:
+            self.loss.update_center(t_logits)
+        return value
+
+
+@LOSSES.register("ibot")
+class IBOTTerm(_PrototypeTerm):
+    """iBOT on patch tokens of the global crops: masked tokens only, or all tokens (H0-mini).
+
+    Recipe keys: as DINO, plus ``masked_only`` (default true) and ``share_head_with`` (name of a dino term
+    whose head to use). With an expert target the teacher grid is resampled to the student's (``resample``).
+    """
+
+    allowed_keys = (*_PrototypeTerm.allowed_keys, "masked_only", "share_head_with", "resample")
+
+    def __init__(
+        self,
+        name: str,
+        weight: float,
+        student_dim: int,
+        target_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "softmax",
+        masked_only: bool = True,
+        share_head_with: str | None = None,
+        resample: str = "bicubic",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, weight, student_dim, target_dim, **kwargs)
+        self.loss = IBOTPatchLoss(self.head.out_dim, student_temp, center_momentum, centering)
+        self.masked_only = masked_only
+        self.share_head_with = share_head_with
+        self.resample = _choice(name, "resample", resample, RESAMPLE_MODES)
+
+    @staticmethod
+    def _target_dim(spec: TeacherSpec) -> int:
+        return spec.embed_dim
+
+    def link(self, terms: Mapping[str, LossTerm]) -> None:
+        """With ``share_head_with``, use that DINO term's head (one module, two users)."""
+        other = self.share_head_with
+        if other is None:
+            return
+        if not isinstance(terms.get(other), DINOTerm):
+            dinos = [n for n, t in terms.items() if isinstance(t, DINOTerm)]
+            raise MultiteachError(
+                f"losses.{self.name}.share_head_with: {other!r} is not an active dino term.{did_you_mean(other, dinos)}"
+            )
+        if terms[other].head.out_dim != self.head.out_dim:
+            raise MultiteachError(f"losses.{self.name}: a shared head needs the same out_dim as {other!r}")
+        self.head = terms[other].head
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        """iBOT cross-entropy over the selected patch tokens."""
+        student = ctx.student_global
+        mask = ctx.masks if self.masked_only else None
+        if self.masked_only and mask is None:
+            raise MultiteachError(f"losses.{self.name}: masked_only needs iBOT masks (data.masking) or set it false")
+        source = ctx.ema_global if self.teacher is None else ctx.teachers[self.teacher]
+        head = self._target_head(ctx)
+        t_tokens = _grid_aligned(source.patch_tokens, source.grid, student.grid, self.resample, self.name)
+        s_tokens = student.patch_tokens
+        if mask is not None:  # project only the masked tokens: (M, D) rows
+            s_tokens, t_tokens = s_tokens[mask], t_tokens[mask]
+        s_logits = self.head(s_tokens)
+        with torch.no_grad():
+            t_logits = head(t_tokens)
+            probs = self.loss.teacher_probs(t_logits, ctx.teacher_temp, mask)
+        value = self.loss(s_logits, probs, mask)
+        if self.training:
+            self.loss.update_center(t_logits, mask)
+        return value
+
+
+@LOSSES.register("koleo")
+class KoLeoTerm(LossTerm):
+    """KoLeo spreading regulariser on the student's global summaries, summed over global crops (DINOv2).
+
+    Shapes:
+        student_global.summary (n_global * B, D) -> scalar.
+    """
+
+    allowed_keys = ("eps",)
+
+    def __init__(self, name: str, weight: float, eps: float = 1e-8) -> None:
+        super().__init__(name, weight)
+        self.eps = eps
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        """Sum over global crops of KoLeo within the crop's batch."""
+        chunks = ctx.student_global.summary.float().chunk(ctx.n_global)
+        return sum(koleo(c, self.eps) for c in chunks)
