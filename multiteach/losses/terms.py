@@ -277,7 +277,7 @@ class DINOTerm(_PrototypeTerm):
         **kwargs: Any,
     ) -> None:
         super().__init__(name, weight, student_dim, target_dim, **kwargs)
-        self.loss = DINOLoss(self.head.out_dim, student_temp, center_momentum, centering)
+        self.loss = DINOLoss(self.head.last_layer.out_features, student_temp, center_momentum, centering)
         self.local_crops = local_crops
         self.same_view_pairs = same_view_pairs
 
@@ -324,7 +324,7 @@ class IBOTTerm(_PrototypeTerm):
         **kwargs: Any,
     ) -> None:
         super().__init__(name, weight, student_dim, target_dim, **kwargs)
-        self.loss = IBOTPatchLoss(self.head.out_dim, student_temp, center_momentum, centering)
+        self.loss = IBOTPatchLoss(self.head.last_layer.out_features, student_temp, center_momentum, centering)
         self.masked_only = masked_only
         self.share_head_with = share_head_with
         self.resample = _choice(name, "resample", resample, RESAMPLE_MODES)
@@ -343,7 +343,7 @@ class IBOTTerm(_PrototypeTerm):
             raise MultiteachError(
                 f"losses.{self.name}.share_head_with: {other!r} is not an active dino term.{did_you_mean(other, dinos)}"
             )
-        if terms[other].head.out_dim != self.head.out_dim:
+        if terms[other].head.last_layer.out_features != self.head.last_layer.out_features:
             raise MultiteachError(f"losses.{self.name}: a shared head needs the same out_dim as {other!r}")
         self.head = terms[other].head
 
