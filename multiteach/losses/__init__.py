@@ -4,6 +4,14 @@ Importing this package registers the built-in term types in :data:`LOSSES`.
 """
 
 from multiteach.losses import terms  # noqa: F401  (registers the built-in term types)
-from multiteach.losses.base import LOSSES, BuildInfo, CompositeLoss, LossContext, LossTerm, build_loss
+from multiteach.losses.base import (
+    LOSSES,
+    BuildInfo,
+    CompositeLoss,
+    LossContext,
+    LossTerm,
+    active_teachers,
+    build_loss,
+)
 
-__all__ = ["LOSSES", "BuildInfo", "CompositeLoss", "LossContext", "LossTerm", "build_loss"]
+__all__ = ["LOSSES", "BuildInfo", "CompositeLoss", "LossContext", "LossTerm", "active_teachers", "build_loss"]

@@ -231,6 +231,22 @@ def build_loss(
     return CompositeLoss(terms, projection)
 
 
+def active_teachers(losses: Mapping[str, Any]) -> list[str]:
+    """Teachers named by active terms (``teacher:``, or an expert ``target:``), without building anything.
+
+    Lets the engine load only the teachers some term will read.
+    """
+    names: list[str] = []
+    for name, cfg in losses.items():
+        if _check_term(name, cfg) is None:
+            continue
+        for key in ("teacher", "target"):
+            value = cfg.get(key)
+            if isinstance(value, str) and value != "ema" and value not in names:
+                names.append(value)
+    return names
+
+
 def _term_class(name: str, type_name: Any) -> type[LossTerm]:
     try:
         return LOSSES.get(str(type_name))

@@ -1,0 +1,168 @@
+"""Turn a validated recipe into objects: student, the teachers some term uses, the loss, the data pipeline.
+
+Nothing here knows about processes or devices beyond ``device=``; :mod:`multiteach.train` does that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop
+from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
+from multiteach.data.tiles import TileDataset, find_images, read_path_list
+from multiteach.errors import MultiteachError
+from multiteach.losses import CompositeLoss, active_teachers, build_loss
+from multiteach.model import DistillModel
+from multiteach.students import Student, build_student
+from multiteach.teachers import Teacher, build_teacher
+
+
+@dataclass
+class Components:
+    """What a run trains and what it distils from.
+
+    Attributes:
+        model: Student + loss terms (the module Accelerate wraps).
+        teachers: Loaded teachers by recipe name (only those an active term reads).
+    """
+
+    model: DistillModel
+    teachers: dict[str, Teacher]
+
+
+def build_student_from(recipe: Any, device: str = "cpu") -> Student:
+    """The recipe's student (``student.arch`` + kwargs)."""
+    s = recipe.student
+    return build_student(
+        s.arch,
+        pretrained=s.pretrained,
+        img_size=s.img_size,
+        drop_path_rate=s.drop_path_rate,
+        device=device,
+        **dict(s.kwargs),
+    )
+
+
+def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[str, Teacher]:
+    """Load the named teachers of the recipe (frozen, on ``device``)."""
+    teachers = {}
+    for name in names:
+        cfg = recipe.teachers[name]
+        overrides: dict[str, Any] = {}
+        if cfg.model_kwargs:
+            overrides["model_kwargs"] = dict(cfg.model_kwargs)
+        if cfg.embedding:
+            overrides["embedding"] = cfg.embedding
+        try:
+            teachers[name] = build_teacher(
+                cfg.source,
+                weights=cfg.weights,
+                input_size=cfg.input_size,
+                dtype=cfg.dtype,
+                pretrained=cfg.pretrained,
+                device=device,
+                **overrides,
+            )
+        except MultiteachError as exc:
+            raise MultiteachError(f"teachers.{name}: {exc}") from None
+    return teachers
+
+
+def build_components(recipe: Any, device: str = "cpu") -> Components:
+    """Student, used teachers and loss from a recipe; teachers no active term reads are not loaded."""
+    losses = {k: v for k, v in recipe.losses.items()}
+    names = active_teachers(losses)
+    teachers = build_teachers(recipe, names, device)
+    student = build_student_from(recipe, device)
+    loss: CompositeLoss = build_loss(
+        losses, student.embed_dim, {n: t.spec for n, t in teachers.items()}, dict(recipe.heads)
+    )
+    model = DistillModel(student, loss, recipe.student.mean, recipe.student.std).to(device)
+    if recipe.data.masking is None:
+        student.mask_token.requires_grad_(False)  # unused without masks: keep it out of DDP's reducer
+    return Components(model, teachers)
+
+
+def tile_dataset(recipe: Any) -> TileDataset:
+    """All training tiles of ``data.train`` (folders and/or list files), scanned for unreadable files."""
+    sources = recipe.data.train if isinstance(recipe.data.train, (list, tuple)) else [recipe.data.train]
+    if not sources or sources == [None]:
+        raise MultiteachError("data.train: no training tiles configured; set a folder or a list file")
+    paths: list[Path] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_file():
+            paths += read_path_list(p)
+        elif p.is_dir():
+            paths += find_images(p, tuple(recipe.data.extensions))
+        else:
+            raise MultiteachError(f"data.train: {p} does not exist (expected a tile folder or a list file)")
+    ds = TileDataset(paths, transform=None, source=", ".join(map(str, sources)))
+    ds.scan()
+    return ds
+
+
+def multicrop_transform(recipe: Any) -> MultiCropTransform:
+    """The recipe's multi-crop augmentation."""
+    d = recipe.data
+    aug = d.augment
+    return MultiCropTransform(
+        global_size=d.global_crops.size,
+        local_size=d.local_crops.size,
+        n_global=d.global_crops.n,
+        n_local=d.local_crops.n,
+        global_scale=tuple(d.global_crops.scale),
+        local_scale=tuple(d.local_crops.scale),
+        hed=tuple(aug.hed) if aug.hed else None,
+        flip_rot=aug.flip_rot,
+        color_jitter=tuple(aug.color_jitter) if aug.color_jitter else None,
+        color_jitter_prob=aug.color_jitter_prob,
+        blur_prob=aug.blur_prob,
+    )
+
+
+def data_loader(
+    recipe: Any, tiles: TileDataset, student: Student, rank: int, world_size: int, start_step: int
+) -> DataLoader:
+    """This process's loader of multi-crop micro-batches, starting at optimiser step ``start_step``."""
+    masking = (
+        None
+        if recipe.data.masking is None
+        else {"probability": recipe.data.masking.probability, "ratio": list(recipe.data.masking.ratio)}
+    )
+    size = recipe.data.global_crops.size
+    dataset = SeededMultiCrop(
+        tiles, multicrop_transform(recipe), recipe.seed, mask_grid=student.grid_for(size, size), masking=masking
+    )
+    sampler = GlobalBatchSampler(
+        len(tiles),
+        recipe.optim.batch_size,
+        recipe.schedule.steps,
+        rank,
+        world_size,
+        recipe.optim.grad_accum,
+        recipe.seed,
+        start_step,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_multicrop,
+        num_workers=recipe.data.num_workers,
+        persistent_workers=False,
+    )
+
+
+def check_batch_split(recipe: Any, world_size: int) -> int:
+    """Images per process per micro-step; a clear error when the global batch does not split evenly."""
+    batch, accum = recipe.optim.batch_size, recipe.optim.grad_accum
+    if batch % (world_size * accum):
+        raise MultiteachError(
+            f"optim.batch_size={batch} does not split across {world_size} process(es) x grad_accum={accum}; "
+            f"use a multiple of {world_size * accum}"
+        )
+    return batch // (world_size * accum)

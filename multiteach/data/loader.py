@@ -1,0 +1,117 @@
+"""Deterministic multi-crop loading: a sample's views depend only on (seed, epoch, index), and each
+process takes its slice of every global batch. One process with batch 32 and two processes with 16
+each therefore see exactly the same crops, masks and order, and a resumed run restarts at its step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from multiteach.data.masking import sample_ibot_masks
+from multiteach.data.multicrop import MultiCropTransform, apply_view
+from multiteach.data.tiles import TileDataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed unique to (run seed, epoch, tile index)."""
+    return (seed * 1_000_003 + epoch * 10_007 + index * 7_919 + 1) % (2**63 - 1)
+
+
+class SeededMultiCrop(Dataset):
+    """Multi-crop views (and iBOT masks for the global crops) of tile ``index`` in ``epoch``.
+
+    Args:
+        tiles: Tiles as PIL images (a :class:`TileDataset` without transform).
+        transform: Draws the crop/augmentation parameters of every view.
+        seed: Run seed.
+        mask_grid: Student patch grid (h, w) of a global crop, for iBOT masks.
+        masking: ``{"probability": p, "ratio": [lo, hi]}`` or None for no masks.
+
+    Returns (per item):
+        ``{"global": [n_global x (3, G, G)], "local": [n_local x (3, L, L)], "masks"?: (n_global, h*w) bool}``
+        with floats in [0, 1].
+    """
+
+    def __init__(
+        self,
+        tiles: TileDataset,
+        transform: MultiCropTransform,
+        seed: int,
+        mask_grid: tuple[int, int] | None = None,
+        masking: dict[str, Any] | None = None,
+    ) -> None:
+        self.tiles = tiles
+        self.transform = transform
+        self.seed = seed
+        self.mask_grid = mask_grid
+        self.masking = masking
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        image = self.tiles[index]
+        params = self.transform.sample_params(image.height, image.width, generator=g)
+        views = [apply_view(image, p) for p in params]
+        n_global = self.transform.n_global
+        out: dict[str, Any] = {"global": views[:n_global], "local": views[n_global:]}
+        if self.masking is not None and self.mask_grid is not None:
+            out["masks"] = sample_ibot_masks(
+                n_global, self.mask_grid, self.masking["probability"], tuple(self.masking["ratio"]), generator=g
+            )
+        return out
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this process's micro-batches of (index, epoch) keys, step after step.
+
+    The global batch of optimiser step ``s`` holds sample positions ``s*G .. s*G+G-1`` of an endless
+    stream of per-epoch permutations (seeded by ``seed + epoch``). It is cut into ``grad_accum``
+    micro-steps, and each micro-step into ``world_size`` equal slices; rank ``r`` gets slice ``r``.
+
+    Args:
+        num_samples: Dataset size.
+        global_batch: Images per optimiser step over all processes.
+        steps: Total optimiser steps of the run.
+        rank: This process's rank.
+        world_size: Number of processes.
+        grad_accum: Micro-steps per optimiser step.
+        seed: Run seed.
+        start_step: First optimiser step to yield (resume).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+    ) -> None:
+        self.n, self.global_batch, self.steps = num_samples, global_batch, steps
+        self.rank, self.world, self.accum, self.seed, self.start = rank, world_size, grad_accum, seed, start_step
+        self.micro = global_batch // (world_size * grad_accum)
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _key(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][offset]), epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.steps):
+            for micro in range(self.accum):
+                first = step * self.global_batch + (micro * self.world + self.rank) * self.micro
+                yield [self._key(p) for p in range(first, first + self.micro)]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum
