@@ -19,6 +19,7 @@ from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.heads import DINOHead
 from multiteach.losses.base import LOSSES, BuildInfo, LossContext, LossTerm
 from multiteach.losses.dino import DINOLoss
+from multiteach.losses.expert_heads import load_head
 from multiteach.losses.feature import DISTANCES, resample_grid
 from multiteach.losses.ibot import IBOTPatchLoss
 from multiteach.losses.koleo import koleo
@@ -213,15 +214,14 @@ class _PrototypeTerm(LossTerm):
 
     def load_target_head(self, path: str | Path) -> None:
         """Load the frozen expert head from a safetensors file (keys of a :class:`DINOHead`)."""
-        from safetensors.torch import load_file
-
-        from multiteach.teachers.weights import assign_state_dict
-
         path = Path(path)
         if not path.is_file():
             raise MultiteachError(f"losses.{self.name}.target_heads: {path} does not exist")
-        assign_state_dict(self.target_head, load_file(str(path)), path)
-        self.target_head.requires_grad_(False)
+        self.set_target_head(load_head(self.target_head, path))
+
+    def set_target_head(self, head: DINOHead) -> None:
+        """Use ``head`` (loaded or fitted with :func:`~multiteach.losses.expert_heads.fit_expert_head`), frozen."""
+        self.target_head = head.requires_grad_(False).eval()
         self.target_ready = True
 
     @classmethod
