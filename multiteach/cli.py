@@ -37,6 +37,68 @@ def _teachers(p: argparse.ArgumentParser):
     return run
 
 
+@command("tile", "cut whole-slide images into tissue tiles at a target resolution (needs multiteach[wsi])")
+def _tile(p: argparse.ArgumentParser):
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .ndpi, .mrxs, tiled .tif, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<slide>/tiles + coordinates.csv")
+    p.add_argument("--mpp-target", type=float, default=0.5, metavar="UM", help="tile µm/px (0.5 ≈ 20x; default 0.5)")
+    p.add_argument("--tile-size", type=int, default=224, metavar="PX", help="tile side in pixels (default 224)")
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of a tile shared by neighbours, [0, 1)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="lowest tissue fraction of a kept tile (default 0.5)")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM", help="level-0 µm/px overriding slide metadata")
+    p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="tile file format (default jpg)")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.data.wsi import write_tiles
+
+        result = write_tiles(
+            args.slides,
+            args.out,
+            target_mpp=args.mpp_target,
+            tile_size=args.tile_size,
+            overlap=args.overlap,
+            min_tissue=args.min_tissue,
+            mpp=args.mpp,
+            image_format=args.format,
+            progress=lambda line: print(line, flush=True),
+        )
+        print(f"{result.total} tiles from {len(result.counts)} slide(s) in {args.out}", flush=True)
+        if result.skipped:  # each was logged (with its reason) as it happened
+            names = ", ".join(result.skipped)
+            print(f"multiteach tile: {len(result.skipped)} slide(s) skipped: {names}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+@command("config", "print a recipe resolved (defaults + key=value overrides), validate it, or copy a built-in out")
+def _config(p: argparse.ArgumentParser):
+    p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--validate-only", action="store_true", help="only check the recipe and print OK")
+    p.add_argument("--copy-to", metavar="PATH", help="copy the built-in recipe (and its _base fragments) to PATH")
+    p.add_argument("--overwrite", action="store_true", help="with --copy-to: replace existing files")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.config import copy_builtin, load_recipe
+
+        if args.copy_to:
+            if args.overrides:
+                raise MultiteachError("--copy-to copies the built-in recipe as is; edit the copy instead of overriding")
+            written = copy_builtin(args.recipe, args.copy_to, overwrite=args.overwrite)
+            print("\n".join(f"wrote {path}" for path in written))
+            return 0
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.validate_only:
+            print(f"OK: {recipe.name} is valid")
+        else:
+            print(recipe.to_yaml(), end="")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="multiteach", description=__doc__.splitlines()[0])

@@ -34,8 +34,30 @@ from multiteach.data.tiles import (
     read_path_list,
     verify_image,
 )
+from multiteach.data.wsi import (
+    TileGrid,
+    TileWriteResult,
+    WSITileDataset,
+    choose_level,
+    open_slide,
+    plan_tiles,
+    read_tile,
+    slide_mpp,
+    tissue_mask,
+    write_tiles,
+)
 
 __all__ = [
+    "TileGrid",
+    "TileWriteResult",
+    "WSITileDataset",
+    "choose_level",
+    "open_slide",
+    "plan_tiles",
+    "read_tile",
+    "slide_mpp",
+    "tissue_mask",
+    "write_tiles",
     "IMAGE_EXTENSIONS",
     "ColorJitter",
     "ColorParams",
