@@ -1,11 +1,13 @@
 """The ``multiteach`` command line: one sub-command per job.
 
-``multiteach teachers [--json]`` lists the teacher catalog.
+``multiteach teachers`` lists the teacher catalog, ``config`` resolves/validates a recipe, ``train`` distils
+a student, ``tile`` cuts slides into tiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -94,6 +96,28 @@ def _config(p: argparse.ArgumentParser):
             print(f"OK: {recipe.name} is valid")
         else:
             print(recipe.to_yaml(), end="")
+        return 0
+
+    return run
+
+
+@command("train", "distil a student as a recipe says (resumes a run directory's last checkpoint)")
+def _train(p: argparse.ArgumentParser):
+    p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. losses.uni.cls.weight=0")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", default=None, help="require a checkpoint to resume from")
+    group.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse a run directory")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.config import load_recipe
+        from multiteach.train import finish_process, train
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        recipe.check_trainable()
+        run_dir = train(recipe, resume=args.resume)
+        print(f"run directory: {run_dir}")
+        finish_process(int(os.environ.get("WORLD_SIZE", "1")))
         return 0
 
     return run

@@ -100,7 +100,10 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         resume: True requires a checkpoint to resume from; False refuses to reuse a run directory that
             has checkpoints; None (default) resumes when the directory holds a run of the same recipe.
     """
+    # cpu=True on a machine without GPUs: Accelerate only forms a gloo process group (torchrun, accelerate
+    # launch --multi_gpu) when told it runs on CPU; otherwise every process would train alone, silently.
     acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.precision,
         log_with=recipe.train.trackers or None,
         project_dir=recipe.output_dir,
@@ -156,8 +159,13 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             sum(p.numel() for p in model.student.parameters()) / 1e6,
             ", ".join(teachers) or "none",
         )
+        (run_dir / "data.json").write_text(
+            json.dumps(
+                {"tiles": len(tiles), "source": tiles.source, "skipped": [str(p) for p in tiles.skipped]}, indent=2
+            )
+        )
         if tiles.skipped:
-            log.warning("skipped %d unreadable image(s) in %s", len(tiles.skipped), tiles.source)
+            log.warning("skipped %d unreadable image(s) in %s (listed in data.json)", len(tiles.skipped), tiles.source)
 
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
     if recipe.train.compile:
@@ -191,7 +199,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             _set_hparams(optimizer, lr, wd)
             batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             with torch.no_grad():
-                targets = {name: t(batch["global"]) for name, t in teachers.items()}
+                targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
             with acc.accumulate(model):
                 total, values = model(batch, targets, n_global, temp, ema.module if ema else None)
                 bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
@@ -243,9 +251,22 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     finally:
         bar.close()
         stop.restore()
+    _check_ranks_agree(acc, unwrapped, run_dir)
     acc.wait_for_everyone()
     acc.end_training()
     return run_dir
+
+
+def _check_ranks_agree(acc: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
+    """All processes must end with identical weights; record each rank's checksum in ``ranks.json``."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    sums = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()
+    if acc.is_main_process:
+        (run_dir / "ranks.json").write_text(json.dumps({"checksums": sums.tolist()}))
+    if not torch.equal(sums, sums[:1].expand_as(sums)):
+        raise MultiteachError(f"processes ended with different weights: checksums {sums.tolist()}")
 
 
 def _checkpoint(

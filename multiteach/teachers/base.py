@@ -130,6 +130,10 @@ class TeacherOutput(NamedTuple):
     patch_tokens: torch.Tensor
     grid: tuple[int, int]
 
+    def as_target(self) -> TeacherOutput:
+        """Copies usable inside an autograd graph (teachers return inference-mode tensors)."""
+        return TeacherOutput(self.summary.clone(), self.patch_tokens.clone(), self.grid)
+
 
 class TokenBackbone(nn.Module):
     """Adapter base: a loaded model that maps a normalised batch to a :class:`TeacherOutput`.
