@@ -102,6 +102,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     """
     # cpu=True on a machine without GPUs: Accelerate only forms a gloo process group (torchrun, accelerate
     # launch --multi_gpu) when told it runs on CPU; otherwise every process would train alone, silently.
+    _fresh_accelerator_state()
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.precision,
@@ -147,8 +148,10 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         state = load_checkpoint(last, model, ema.module if ema else None, optimizer)
         log.info("resuming from %s (step %d)", last, state["step"])
     start = state["step"]
+    file_log: logging.Handler | None = None
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        file_log = _log_to_file(run_dir / "train.log")
         from multiteach.config import save_resolved
 
         save_resolved(recipe, run_dir)
@@ -251,6 +254,9 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     finally:
         bar.close()
         stop.restore()
+        if file_log is not None:
+            logging.getLogger("multiteach").removeHandler(file_log)
+            file_log.close()
     _check_ranks_agree(acc, unwrapped, run_dir)
     acc.wait_for_everyone()
     acc.end_training()
@@ -267,6 +273,25 @@ def _check_ranks_agree(acc: Accelerator, model: torch.nn.Module, run_dir: Path) 
         (run_dir / "ranks.json").write_text(json.dumps({"checksums": sums.tolist()}))
     if not torch.equal(sums, sums[:1].expand_as(sums)):
         raise MultiteachError(f"processes ended with different weights: checksums {sums.tolist()}")
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """Also write this run's log lines to ``run_dir/train.log`` (appending across resumes)."""
+    root = logging.getLogger("multiteach")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _fresh_accelerator_state() -> None:
+    """Let one Python process run several single-process trainings (tests, sweeps) with different settings:
+    Accelerate keeps a process-wide singleton state that otherwise refuses a new mixed-precision mode."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _checkpoint(

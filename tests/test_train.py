@@ -30,6 +30,7 @@ def max_diff(a, b):
 def test_run_directory_is_readable(tmp_path):
     run = train(load_recipe(recipe_yaml(tmp_path)))
     assert (run / "recipe.yaml").is_file() and (run / "data.json").is_file()
+    assert "Loss = 1*uni.cls + 0.5*uni.patch + 1*dino + 1*ibot" in (run / "train.log").read_text()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6]
     assert {"loss", "uni.cls", "uni.patch", "dino", "ibot", "lr", "img_per_s"} <= set(lines[0])
@@ -172,3 +173,19 @@ def test_changed_recipe_in_same_run_dir_is_refused(tmp_path):
     train(load_recipe(recipe_yaml(tmp_path, steps=2, checkpoint_every=2)))
     with pytest.raises(MultiteachError, match="different recipe"):
         train(load_recipe(recipe_yaml(tmp_path, steps=2, checkpoint_every=2), ["optim.lr=0.5"]))
+
+
+def test_layer_decay_bf16_grad_accum_and_no_masking(tmp_path):
+    recipe = load_recipe(
+        recipe_yaml(tmp_path, steps=2, checkpoint_every=2),
+        [
+            "optim.layer_decay=0.75",
+            "train.precision=bf16",
+            "optim.grad_accum=2",
+            "data.masking=null",
+            "losses.ibot.masked_only=false",
+        ],
+    )
+    run = train(recipe)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
