@@ -1,0 +1,65 @@
+"""Reading a finished (or interrupted) run directory back: its recipe, its last checkpoint, its student."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from multiteach.checkpoint import latest_checkpoint
+from multiteach.errors import MultiteachError
+from multiteach.students import Student
+
+STUDENT_PREFIX = "student."
+LOSS_PREFIX = "loss."
+
+
+@dataclass
+class RunStudent:
+    """A student restored from a run.
+
+    Attributes:
+        student: The student with the checkpoint's weights, in eval mode.
+        recipe: The run's resolved recipe.
+        checkpoint: The checkpoint folder it came from.
+        weights: ``"ema"`` or ``"live"``.
+        state: Everything else in that weights file (heads, loss state), keyed as saved (``loss.*``).
+    """
+
+    student: Student
+    recipe: Any
+    checkpoint: Path
+    weights: str
+    state: dict[str, torch.Tensor]
+
+
+def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
+    """Rebuild the student of ``run_dir`` from its recipe and load its last checkpoint.
+
+    Args:
+        run_dir: A run directory written by ``multiteach train``.
+        use_ema: Take the EMA weights (the spare EMA that DINOv2/H0-mini export) when the run kept one;
+            otherwise the live weights.
+
+    Raises:
+        MultiteachError: when the folder is not a run directory or has no complete checkpoint.
+    """
+    from multiteach.build import build_student_from
+    from multiteach.config import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise MultiteachError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise MultiteachError(f"{run_dir} has no complete checkpoint to export")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    which = "ema" if use_ema and (ckpt / "ema.safetensors").is_file() else "live"
+    sd = load_file(str(ckpt / ("ema.safetensors" if which == "ema" else "model.safetensors")))
+    student = build_student_from(recipe)
+    student.load_state_dict({k[len(STUDENT_PREFIX):]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})
+    rest = {k: v for k, v in sd.items() if not k.startswith(STUDENT_PREFIX)}
+    return RunStudent(student.eval(), recipe, ckpt, which, rest)
