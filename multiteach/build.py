@@ -81,10 +81,29 @@ def build_components(recipe: Any, device: str = "cpu") -> Components:
     loss: CompositeLoss = build_loss(
         losses, student.embed_dim, {n: t.spec for n, t in teachers.items()}, dict(recipe.heads)
     )
+    _check_grids(recipe, student, teachers, loss)
     model = DistillModel(student, loss, recipe.student.mean, recipe.student.std).to(device)
     if recipe.data.masking is None:
         student.mask_token.requires_grad_(False)  # unused without masks: keep it out of DDP's reducer
     return Components(model, teachers)
+
+
+def _check_grids(recipe: Any, student: Student, teachers: dict[str, Teacher], loss: CompositeLoss) -> None:
+    """Fail before training when a patch term cannot compare grids because resampling is off."""
+    size = recipe.data.global_crops.size
+    s_grid = student.grid_for(size, size)
+    for name in loss.names:
+        term = loss.term(name)
+        if getattr(term, "on", None) != "patch" or getattr(term, "resample", None) != "none":
+            continue
+        t = teachers[term.teacher]
+        t_grid = t.spec.grid_at(t.input_size or size)
+        if tuple(t_grid) != tuple(s_grid):
+            raise MultiteachError(
+                f"losses.{name}: student grid {s_grid} (global crops {size} px, patch {student.patch_size}) and "
+                f"teacher {term.teacher!r} grid {t_grid} (input {t.input_size} px, patch {t.spec.patch_size}) differ "
+                "and resample is 'none'; set resample: bicubic, or sizes that give the same grid"
+            )
 
 
 def tile_dataset(recipe: Any) -> TileDataset:
@@ -166,3 +185,35 @@ def check_batch_split(recipe: Any, world_size: int) -> int:
             f"use a multiple of {world_size * accum}"
         )
     return batch // (world_size * accum)
+
+
+def describe_graph(recipe: Any) -> dict[str, Any]:
+    """Build the recipe's full model graph with the real architectures on the meta device (no weights,
+    no memory) and count parameters: student, each loss term's heads, and each teacher a term uses."""
+    import torch
+
+    from multiteach.teachers import resolve_spec, teacher_architecture
+
+    losses = dict(recipe.losses)
+    specs, teachers = {}, {}
+    for name in active_teachers(losses):
+        cfg = recipe.teachers[name]
+        overrides = {"model_kwargs": dict(cfg.model_kwargs)} if cfg.model_kwargs else {}
+        specs[name] = resolve_spec(cfg.source, **overrides)
+        teachers[name] = _count(teacher_architecture(cfg.source, **overrides))
+    student = build_student_from(recipe, device="meta")
+    with torch.device("meta"):
+        loss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
+    return {
+        "student": {"arch": recipe.student.arch, "params": _count(student.model)},
+        "loss": str(loss),
+        # per term: its own modules (a head shared by two terms appears under both); total counts it once
+        "loss_terms": {n: _count(loss.terms[k]) for n, k in zip(loss.names, loss.terms.keys())},
+        "projection_heads": _count(loss.heads) if loss.heads is not None else 0,
+        "loss_total": _count(loss),
+        "teachers": teachers,
+    }
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())

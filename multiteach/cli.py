@@ -81,6 +81,9 @@ def _config(p: argparse.ArgumentParser):
     p.add_argument("--validate-only", action="store_true", help="only check the recipe and print OK")
     p.add_argument("--copy-to", metavar="PATH", help="copy the built-in recipe (and its _base fragments) to PATH")
     p.add_argument("--overwrite", action="store_true", help="with --copy-to: replace existing files")
+    p.add_argument(
+        "--graph", action="store_true", help="build the full model graph on the meta device and print parameter counts"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from multiteach.config import copy_builtin, load_recipe
@@ -92,7 +95,13 @@ def _config(p: argparse.ArgumentParser):
             print("\n".join(f"wrote {path}" for path in written))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
-        if args.validate_only:
+        if args.graph:
+            import json
+
+            from multiteach.build import describe_graph
+
+            print(json.dumps(describe_graph(recipe), indent=2))
+        elif args.validate_only:
             print(f"OK: {recipe.name} is valid")
         else:
             print(recipe.to_yaml(), end="")

@@ -32,6 +32,7 @@ from multiteach.build import build_components, check_batch_split, data_loader, t
 from multiteach.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from multiteach.ema import EMA
 from multiteach.errors import MultiteachError
+from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
 from multiteach.schedules import cosine, linear_warmup
 
 log = logging.getLogger("multiteach.train")
@@ -148,10 +149,21 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         state = load_checkpoint(last, model, ema.module if ema else None, optimizer)
         log.info("resuming from %s (step %d)", last, state["step"])
     start = state["step"]
+    if last is None:  # expert DINO/iBOT heads that are not public are fitted once, before training
+        fitted = fit_missing_heads(
+            model.loss, teachers, lambda: data_loader(recipe, tiles, model.student, 0, 1, 0), recipe.seed
+        )
+        state["fitted_expert_heads"] = fitted
+    else:
+        for term in terms_needing_heads(model.loss):
+            term.target_ready = True  # restored from the checkpoint with the rest of the model
     file_log: logging.Handler | None = None
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         file_log = _log_to_file(run_dir / "train.log")
+        if state.get("fitted_expert_heads"):
+            (run_dir / "expert_heads.json").write_text(json.dumps({"fitted": state["fitted_expert_heads"]}))
+            log.warning("fitted expert heads (not the teacher's own): %s", ", ".join(state["fitted_expert_heads"]))
         from multiteach.config import save_resolved
 
         save_resolved(recipe, run_dir)

@@ -91,3 +91,88 @@ def load_head(head: DINOHead, path: str | Path) -> DINOHead:
 
     assign_state_dict(head, load_file(str(path)), path)
     return head.requires_grad_(False)
+
+
+def terms_needing_heads(loss: torch.nn.Module) -> list:
+    """Prototype terms (DINO/iBOT) whose frozen expert target head is neither loaded nor fitted yet."""
+    return [t for t in loss.terms.values() if getattr(t, "teacher", None) and not getattr(t, "target_ready", True)]
+
+
+@torch.no_grad()
+def expert_features(
+    teacher, batches, n_tiles: int, patch: bool, tokens_per_image: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen teacher features of the first two global views of ``n_tiles`` tiles.
+
+    Args:
+        teacher: A :class:`~multiteach.teachers.Teacher`.
+        batches: Iterable of multi-crop batches (``global`` crop-major, 2+ global crops).
+        n_tiles: How many tiles to use.
+        patch: Patch tokens (iBOT) instead of summaries (DINO); ``tokens_per_image`` random positions,
+            the same positions in both views.
+        tokens_per_image: Patch positions sampled per tile.
+        seed: Position sampling seed.
+
+    Returns:
+        (view A, view B) features, (M, D) each.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a, b, seen = [], [], 0
+    for batch in batches:
+        crops = batch["global"]
+        n = crops.shape[0] // 2 if crops.shape[0] % 2 == 0 else crops.shape[0]
+        out = teacher(crops)
+        if patch:
+            tokens = out.patch_tokens
+            idx = torch.randint(0, tokens.shape[1], (n, tokens_per_image), generator=g)
+            fa = torch.gather(tokens[:n], 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+            fb = torch.gather(tokens[n : 2 * n], 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+        else:
+            fa, fb = out.summary[:n], out.summary[n : 2 * n]
+        a.append(fa.reshape(-1, fa.shape[-1]).clone())
+        b.append(fb.reshape(-1, fb.shape[-1]).clone())
+        seen += n
+        if seen >= n_tiles:
+            break
+    return torch.cat(a), torch.cat(b)
+
+
+def fit_missing_heads(loss: torch.nn.Module, teachers: dict, batches_fn, seed: int = 0) -> list[str]:
+    """Fit every expert target head that was not loaded from ``target_heads``; return the term names.
+
+    Args:
+        loss: The :class:`~multiteach.losses.CompositeLoss`.
+        teachers: Loaded teachers by name.
+        batches_fn: Callable returning a fresh iterable of multi-crop batches (the same on every process).
+        seed: Fitting seed (identical on every process, so every rank fits the same head).
+    """
+    fitted = []
+    for term in terms_needing_heads(loss):
+        patch = term.__class__.__name__ == "IBOTTerm"
+        a, b = expert_features(teachers[term.teacher], batches_fn(), term.fit_tiles, patch, seed=seed)
+        fresh = copy.deepcopy(term.target_head).requires_grad_(True).train()
+        torch.manual_seed(seed)
+        head = fit_expert_head(a, b, fresh, steps=term.fit_steps, seed=seed)
+        _broadcast(head)
+        term.set_target_head(head)
+        fitted.append(term.name)
+        log.warning(
+            "losses.%s: %s's own %s head is not available; fitted a replacement on %d frozen %s "
+            "features of %s (recorded in the model card)",
+            term.name,
+            term.teacher,
+            "iBOT" if patch else "DINO",
+            a.shape[0],
+            "patch" if patch else "summary",
+            term.teacher,
+        )
+    return fitted
+
+
+def _broadcast(module: torch.nn.Module) -> None:
+    """Make every process hold rank 0's fitted head exactly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for p in module.parameters():
+            dist.broadcast(p.data, src=0)

@@ -185,6 +185,8 @@ class _PrototypeTerm(LossTerm):
         "centering",
         "target",
         "target_heads",
+        "fit_tiles",
+        "fit_steps",
     )
 
     def __init__(
@@ -199,8 +201,11 @@ class _PrototypeTerm(LossTerm):
         nlayers: int = 3,
         target: str = "ema",
         target_heads: str | None = None,
+        fit_tiles: int = 1024,
+        fit_steps: int = 300,
     ) -> None:
         super().__init__(name, weight)
+        self.fit_tiles, self.fit_steps = fit_tiles, fit_steps
         self.target = target
         self.teacher = None if target == "ema" else target
         head_kw = {"out_dim": out_dim, "hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim, "nlayers": nlayers}
