@@ -132,6 +132,30 @@ def _train(p: argparse.ArgumentParser):
     return run
 
 
+@command("sweep", "train every combination of --grid values, one run each, and summarise them")
+def _sweep(p: argparse.ArgumentParser):
+    p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="key=v1,v2",
+        help="an axis of the sweep, e.g. losses.uni.patch.weight=0,0.25,0.5 (repeatable)",
+    )
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default: <output_dir>_sweep)")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.sweep import run_sweep
+
+        root = run_sweep(args.recipe, args.grid, args.overrides, args.out)
+        print((root / "summary.md").read_text(), end="")
+        print(f"runs, summary.csv/.md and loss_curves.png in {root}")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="multiteach", description=__doc__.splitlines()[0])

@@ -60,6 +60,6 @@ def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
     which = "ema" if use_ema and (ckpt / "ema.safetensors").is_file() else "live"
     sd = load_file(str(ckpt / ("ema.safetensors" if which == "ema" else "model.safetensors")))
     student = build_student_from(recipe)
-    student.load_state_dict({k[len(STUDENT_PREFIX):]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})
+    student.load_state_dict({k[len(STUDENT_PREFIX) :]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})
     rest = {k: v for k, v in sd.items() if not k.startswith(STUDENT_PREFIX)}
     return RunStudent(student.eval(), recipe, ckpt, which, rest)
