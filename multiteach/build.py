@@ -72,36 +72,52 @@ def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[s
     return teachers
 
 
-def build_components(recipe: Any, device: str = "cpu") -> Components:
-    """Student, used teachers and loss from a recipe; teachers no active term reads are not loaded."""
+def build_components(recipe: Any, device: str = "cpu", cache: Any | None = None) -> Components:
+    """Student, used teachers and loss from a recipe; teachers no active term reads are not loaded.
+
+    With a :class:`multiteach.cache.FeatureCache` no teacher is loaded at all (``teachers`` is empty): the
+    loss is built from the specs and grids recorded in the cache.
+    """
     losses = {k: v for k, v in recipe.losses.items()}
     names = active_teachers(losses)
-    teachers = build_teachers(recipe, names, device)
+    size = recipe.data.global_crops.size
+    if cache is None:
+        teachers = build_teachers(recipe, names, device)
+        specs = {n: t.spec for n, t in teachers.items()}
+        grids = {
+            n: (t.spec.grid_at(t.input_size or size), f"input {t.input_size} px, patch {t.spec.patch_size}")
+            for n, t in teachers.items()
+        }
+    else:
+        teachers, specs = {}, {n: cache.spec(n) for n in names}
+        grids = {n: (cache.grids[n], f"cached in {cache.dir}") for n in names}
     student = build_student_from(recipe, device)
-    loss: CompositeLoss = build_loss(
-        losses, student.embed_dim, {n: t.spec for n, t in teachers.items()}, dict(recipe.heads)
-    )
-    _check_grids(recipe, student, teachers, loss)
+    loss: CompositeLoss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
+    _check_grids(recipe, student, grids, loss)
     model = DistillModel(student, loss, recipe.student.mean, recipe.student.std).to(device)
     if recipe.data.masking is None:
         student.mask_token.requires_grad_(False)  # unused without masks: keep it out of DDP's reducer
     return Components(model, teachers)
 
 
-def _check_grids(recipe: Any, student: Student, teachers: dict[str, Teacher], loss: CompositeLoss) -> None:
-    """Fail before training when a patch term cannot compare grids because resampling is off."""
+def _check_grids(
+    recipe: Any, student: Student, grids: dict[str, tuple[tuple[int, int], str]], loss: CompositeLoss
+) -> None:
+    """Fail before training when a patch term cannot compare grids because resampling is off.
+
+    ``grids``: teacher name -> (its patch grid on a global crop, where that grid comes from, for messages).
+    """
     size = recipe.data.global_crops.size
     s_grid = student.grid_for(size, size)
     for name in loss.names:
         term = loss.term(name)
         if getattr(term, "on", None) != "patch" or getattr(term, "resample", None) != "none":
             continue
-        t = teachers[term.teacher]
-        t_grid = t.spec.grid_at(t.input_size or size)
+        t_grid, source = grids[term.teacher]
         if tuple(t_grid) != tuple(s_grid):
             raise MultiteachError(
                 f"losses.{name}: student grid {s_grid} (global crops {size} px, patch {student.patch_size}) and "
-                f"teacher {term.teacher!r} grid {t_grid} (input {t.input_size} px, patch {t.spec.patch_size}) differ "
+                f"teacher {term.teacher!r} grid {t_grid} ({source}) differ "
                 "and resample is 'none'; set resample: bicubic, or sizes that give the same grid"
             )
 
@@ -145,9 +161,19 @@ def multicrop_transform(recipe: Any) -> MultiCropTransform:
 
 
 def data_loader(
-    recipe: Any, tiles: TileDataset, student: Student, rank: int, world_size: int, start_step: int
+    recipe: Any,
+    tiles: TileDataset,
+    student: Student,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    cache: Any | None = None,
 ) -> DataLoader:
-    """This process's loader of multi-crop micro-batches, starting at optimiser step ``start_step``."""
+    """This process's loader of multi-crop micro-batches, starting at optimiser step ``start_step``.
+
+    With a :class:`multiteach.cache.FeatureCache` the global crops are its cached views and each batch
+    carries their ``cache_keys`` (see :class:`~multiteach.data.loader.SeededMultiCrop`).
+    """
     masking = (
         None
         if recipe.data.masking is None
@@ -155,7 +181,12 @@ def data_loader(
     )
     size = recipe.data.global_crops.size
     dataset = SeededMultiCrop(
-        tiles, multicrop_transform(recipe), recipe.seed, mask_grid=student.grid_for(size, size), masking=masking
+        tiles,
+        multicrop_transform(recipe),
+        recipe.seed,
+        mask_grid=student.grid_for(size, size),
+        masking=masking,
+        cache=cache,
     )
     sampler = GlobalBatchSampler(
         len(tiles),

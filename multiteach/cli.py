@@ -132,6 +132,58 @@ def _train(p: argparse.ArgumentParser):
     return run
 
 
+@command("cache", "run the teachers once on fixed views of every tile and store their features for training")
+def _cache(p: argparse.ArgumentParser):
+    p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. cache.n_views=8")
+    p.add_argument("--out", metavar="DIR", help="cache folder (default: cache.dir of the recipe)")
+    p.add_argument("--rank", type=int, default=None, help="this writer's rank (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of writers (default: $WORLD_SIZE or 1)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="crops per teacher forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for another recipe/key")
+    p.add_argument("--merge", action="store_true", help="only (re)build index.json from the shards present")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from multiteach.cache import FeatureCache, cache_settings, merge_index, write_cache
+        from multiteach.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        out = args.out or cache_settings(recipe).dir
+        if out is None:
+            raise MultiteachError("no cache folder: pass --out DIR or set cache.dir in the recipe")
+        if args.merge:
+            print(f"wrote {merge_index(out)}")
+            return 0
+        rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
+        world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        write_cache(
+            recipe,
+            out,
+            rank,
+            world,
+            args.batch_size,
+            overwrite=args.overwrite,
+            device=device,
+            progress=lambda line: print(line, flush=True),
+        )
+        try:
+            cache = FeatureCache(out)
+        except MultiteachError:
+            print(f"rank {rank}: done; index.json is written once every rank has finished (or with --merge)")
+            return 0
+        size = cache.nbytes()
+        print(
+            f"cache {out}: {cache.n_tiles} tiles x {cache.n_views} views of {', '.join(cache.names)} "
+            f"({cache.dtype}, {size / 2**20:.1f} MiB, {size / cache.n_tiles * 1000 / 2**30:.2f} GiB per 1,000 tiles)"
+        )
+        return 0
+
+    return run
+
+
 @command("sweep", "train every combination of --grid values, one run each, and summarise them")
 def _sweep(p: argparse.ArgumentParser):
     p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
@@ -151,6 +203,135 @@ def _sweep(p: argparse.ArgumentParser):
         root = run_sweep(args.recipe, args.grid, args.overrides, args.out)
         print((root / "summary.md").read_text(), end="")
         print(f"runs, summary.csv/.md and loss_curves.png in {root}")
+        return 0
+
+    return run
+
+
+@command("export", "export a run's student as a timm model folder with heads, recipe and model card; push it")
+def _export(p: argparse.ArgumentParser):
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `multiteach train`")
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder (must not exist or be empty)")
+    p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--push", metavar="ORG/NAME", help="upload the export to this Hugging Face model repo")
+    p.add_argument("--public", action="store_true", help="with --push: create the repo public (default private)")
+    p.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, contact nothing")
+    p.add_argument("--speed", action="store_true", help="measure size/speed vs the teachers for the card")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.export import check_repo_id, export_run, format_files, push_to_hub, run_speed
+
+        if (args.dry_run or args.public) and not args.push:
+            raise MultiteachError("--dry-run and --public go with --push ORG/NAME")
+        if args.push:
+            check_repo_id(args.push)
+        speed = run_speed(args.run_dir, use_ema=not args.live, progress=print) if args.speed else None
+        out = export_run(
+            args.run_dir, args.out, use_ema=not args.live, overwrite=args.overwrite, speed=speed, repo_id=args.push
+        )
+        print(f"exported to {out}")
+        if args.push:
+            result = push_to_hub(out, args.push, private=not args.public, dry_run=args.dry_run)
+            visibility = "private" if result["private"] else "public"
+            head = "would upload" if args.dry_run else "uploaded"
+            print(f"{head} to {args.push} ({visibility} model repo; an existing repo keeps its visibility):")
+            print(format_files(result["files"]))
+        return 0
+
+    return run
+
+
+@command("eval", "score models (run dirs, exported students, teachers) on labelled tiles: kNN, probe, robustness")
+def _eval(p: argparse.ArgumentParser):
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run directory, exported student folder or teacher name")
+    p.add_argument("--data", required=True, metavar="DIR", help="labelled folder: <class>/ or train/ + test/ of them")
+    p.add_argument("--robustness", metavar="DIR", help="images for the perturbation robustness metrics")
+    p.add_argument("--out", default="eval-results", metavar="DIR", help="output folder (default eval-results)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    p.add_argument(
+        "--weights",
+        action="append",
+        metavar="[MODEL=]PATH",
+        help="local weights of a teacher model (MODEL=PATH when several teachers are named; repeatable)",
+    )
+    p.add_argument("--random-init", action="store_true", help="teacher models get random weights (a baseline)")
+    p.add_argument("--live", action="store_true", help="run directories: live weights instead of the EMA")
+    p.add_argument("--probe-c", default="auto", help="linear-probe C: auto (inner CV, default) or a number")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--max-images", type=int, default=64, metavar="N", help="images for robustness/fidelity (64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of folds, subsets and random init (default 0)")
+    p.add_argument("--no-groups", action="store_true", help="ignore slide/patient groups from labels.csv")
+    p.add_argument("--no-fidelity", action="store_true", help="skip teacher fidelity of run directories")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    def probe_c(text: str) -> float | str:
+        """``--probe-c``: ``auto`` or a positive number."""
+        if text == "auto":
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise MultiteachError(f"--probe-c: expected 'auto' or a positive number, got {text!r}")
+        return value
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.eval.run import evaluate
+
+        weights: dict[str, str] | str | None = None
+        for item in args.weights or []:
+            model, sep, path = item.partition("=")
+            if sep and model in args.models:
+                if not isinstance(weights, dict):
+                    if weights is not None:
+                        raise MultiteachError("--weights: use MODEL=PATH for every teacher when naming several")
+                    weights = {}
+                weights[model] = path
+            elif weights is None:
+                weights = item
+            else:
+                raise MultiteachError("--weights: use MODEL=PATH for every teacher when naming several")
+        result = evaluate(
+            args.models,
+            args.data,
+            robustness_images=args.robustness,
+            groups=None if args.no_groups else "auto",
+            k=args.k,
+            seed=args.seed,
+            out_dir=args.out,
+            weights=weights,
+            pretrained=not args.random_init,
+            use_ema=not args.live,
+            batch_size=args.batch_size,
+            max_images=args.max_images,
+            probe_c=probe_c(args.probe_c),
+            with_fidelity=not args.no_fidelity,
+            device=args.device,
+            progress=lambda line: print(line, flush=True),
+        )
+        print()
+        print(result["markdown"], end="")
+        print(f"\nresults: {', '.join(result['files'].values())}")
+        return 0
+
+    return run
+
+
+@command("demo", "the whole path on CPU in minutes: tile a real slide, distil, export, evaluate")
+def _demo(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where everything goes (default runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. schedule.steps=20")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.demo import run_demo
+
+        paths = run_demo(args.out, args.overrides)
+        print(paths["results"]["markdown"])
+        for key in ("tiles", "run", "export", "eval"):
+            print(f"{key:>7}: {paths[key]}")
+        print(f"  model card: {paths['export'] / 'README.md'}")
         return 0
 
     return run

@@ -45,8 +45,12 @@ from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, Embedding
 __all__ = [
     "RECIPES_DIR",
     "AugmentConfig",
+    "CacheConfig",
     "DataConfig",
+    "DeepSpeedConfig",
+    "DistributedConfig",
     "EMAMomentumSchedule",
+    "FSDPConfig",
     "GlobalCrops",
     "LocalCrops",
     "MaskingConfig",
@@ -380,6 +384,63 @@ class ScheduleConfig:
 
 
 @dataclass(kw_only=True)
+class FSDPConfig:
+    """FSDP settings (``train.distributed.strategy: fsdp``; Accelerate's FSDP2 plugin, CUDA only).
+
+    Attributes:
+        version: FSDP version; only 2 (``fully_shard``, DTensor parameters) is supported.
+        reshard_after_forward: Free each block's gathered weights after its forward (ZeRO-3-like memory);
+            false keeps them until the backward (ZeRO-2-like, less communication).
+        cpu_offload: Keep sharded parameters, gradients and optimiser state in CPU memory.
+        auto_wrap: ``blocks``: one FSDP unit per student transformer block (the timm block class), then
+            the whole model; ``none``: the whole model is one unit.
+    """
+
+    version: Literal[2] = 2
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    auto_wrap: Literal["blocks", "none"] = "blocks"
+
+    def _finish(self, at: str) -> None:
+        """The types say it all (checked while building)."""
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed settings (``train.distributed.strategy: deepspeed``; needs CUDA and the deepspeed package).
+
+    Attributes:
+        zero_stage: ZeRO stage 1 (optimiser state sharded) or 2 (+ gradients). Stage 3 shards the
+            parameters too; use ``strategy: fsdp`` for that.
+    """
+
+    zero_stage: Literal[1, 2] = 2
+
+    def _finish(self, at: str) -> None:
+        """The types say it all (checked while building)."""
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """How the trainable model is spread over processes (the launcher decides how many there are).
+
+    Attributes:
+        strategy: ``ddp`` (replicated weights, all-reduced gradients; the only multi-process path on CPU),
+            ``fsdp`` (sharded weights, gradients and optimiser state; CUDA only) or ``deepspeed`` (ZeRO;
+            CUDA only, needs the deepspeed package).
+        fsdp: FSDP settings (read when ``strategy`` is ``fsdp``).
+        deepspeed: DeepSpeed settings (read when ``strategy`` is ``deepspeed``).
+    """
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def _finish(self, at: str) -> None:
+        """The types say it all (checked while building)."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Loop settings.
 
@@ -391,6 +452,8 @@ class TrainConfig:
         trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...).
         keep_ema: Keep an EMA copy of the student (and export it).
         num_processes_hint: Expected process count, for messages and batch checks only.
+        distributed: Data-parallel strategy (``ddp``, ``fsdp``, ``deepspeed``) and its settings. Not part
+            of the recipe hash: a run may resume under another strategy.
     """
 
     precision: Literal["no", "bf16", "fp16"] = "no"
@@ -400,9 +463,42 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     keep_ema: bool = True
     num_processes_hint: int | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def _finish(self, at: str) -> None:
         _positive(self, at, "log_every", "checkpoint_every", "num_processes_hint")
+        if self.compile and self.distributed.strategy == "fsdp":
+            raise MultiteachError(
+                f"{_join(at, 'compile')}: torch.compile is not wired up for distributed.strategy=fsdp (Accelerate "
+                "must compile after sharding, per block); set train.compile=false or use strategy ddp"
+            )
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """Teacher-feature cache (``multiteach cache``; see :mod:`multiteach.cache`).
+
+    Attributes:
+        dir: Cache folder. When set, training reads the teacher targets from it instead of running the
+            teachers, and takes its global crops from the cached views.
+        n_views: Fixed global-crop views cached per tile. In epoch ``e``, global crop ``c`` of a tile is
+            cached view ``(e * n_global + c) % n_views``.
+        dtype: Stored precision of the features (``float32`` keeps them bit-exact).
+        patch_pool: Average-pool the patch-token grid by ``k`` x ``k`` before storing (1 keeps it).
+        shard_tiles: Tiles per safetensors shard.
+        batch_size: Crops per teacher forward pass while writing.
+    """
+
+    dir: str | None = None
+    n_views: int = 4
+    dtype: Literal["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"] = "bfloat16"
+    patch_pool: int = 1
+    shard_tiles: int = 256
+    batch_size: int = 64
+
+    def _finish(self, at: str) -> None:
+        _positive(self, at, "n_views", "patch_pool", "shard_tiles", "batch_size")
+        _require(self.dir is None or bool(self.dir.strip()), f"{at}.dir", self.dir, "must be a non-empty path or null")
 
 
 @dataclass(kw_only=True)
@@ -421,7 +517,7 @@ class Recipe:
         optim: Optimiser.
         schedule: Run length and schedules.
         train: Loop settings.
-        cache: Teacher-feature cache settings, or null.
+        cache: Teacher-feature cache (folder, views per tile, stored dtype, pooling), or null.
         export: Export settings, or null.
     """
 
@@ -436,7 +532,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    cache: dict[str, Any] | None = None
+    cache: CacheConfig | None = None
     export: dict[str, Any] | None = None
 
     @classmethod
@@ -635,7 +731,7 @@ def _convert(tp: Any, value: Any, at: str) -> Any:
         return copy.deepcopy(value)
     if origin is Literal:
         if value not in args:
-            hint = did_you_mean(str(value), args)
+            hint = did_you_mean(str(value), [str(a) for a in args])
             raise MultiteachError(f"{at}: {value!r} is not allowed; use one of {', '.join(map(str, args))}.{hint}")
         return value
     if origin in (list, tuple, dict):

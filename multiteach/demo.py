@@ -40,6 +40,31 @@ def build_standins(folder: Path) -> dict[str, Path]:
     return out
 
 
+def labelled_tiles(slide_file: Path, out: Path, per_class: int = 40) -> Path:
+    """A small labelled set cut from the same slide: ``tissue`` (>= 50% tissue) vs ``background`` (<= 5%).
+
+    An easy but real task, so the demo can run the kNN/linear-probe evaluation without outside data.
+    """
+    from multiteach.data.wsi import open_slide, plan_tiles, read_tile, tissue_mask
+
+    slide = open_slide(slide_file)
+    grid = plan_tiles(slide, target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.0)
+    mask, (sx, sy) = tissue_mask(slide)
+    span = grid.read_size * slide.level_downsamples[grid.level]
+    counts = {"tissue": 0, "background": 0}
+    for i, (x, y) in enumerate(grid.coords):
+        window = mask[int(y / sy) : int((y + span) / sy) + 1, int(x / sx) : int((x + span) / sx) + 1]
+        frac = float(window.mean()) if window.size else 0.0
+        label = "tissue" if frac >= 0.5 else "background" if frac <= 0.05 else None
+        if label is None or counts[label] >= per_class:
+            continue
+        (out / label).mkdir(parents=True, exist_ok=True)
+        read_tile(slide, grid, i).save(out / label / f"{label}_{x}_{y}.png")
+        counts[label] += 1
+    log.info("labelled demo tiles: %s", counts)
+    return out
+
+
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[str, Any]:
     """Run the demo end to end; return the paths of everything it wrote.
 
@@ -61,7 +86,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     recipe = load_recipe("demo", [*sets, *overrides])
     run_dir = train(recipe)
     export_dir = export_run(run_dir, out / "export", overwrite=True)
+    labelled = labelled_tiles(slide_path(), out / "labelled")
     teachers = [f"local-dir:{path}" for path in standins.values()]
-    results = evaluate([str(run_dir), *teachers], None, robustness_images=out / "tiles", out_dir=out / "eval",
-                       max_images=64)
+    results = evaluate(
+        [str(run_dir), *teachers], labelled, robustness_images=out / "tiles", out_dir=out / "eval", max_images=32
+    )
     return {"tiles": out / "tiles", "run": run_dir, "export": export_dir, "eval": out / "eval", "results": results}

@@ -8,7 +8,8 @@ One command on one CPU, one GPU, many GPUs or many nodes:
 
 (On CPU, ``accelerate launch --cpu --num_processes 2`` silently runs ONE process; the two forms above
 really start two gloo processes.) Re-running the same command into the same run directory resumes from
-its last complete checkpoint.
+its last complete checkpoint. ``train.distributed.strategy`` picks DDP (default), FSDP2 or DeepSpeed; the
+last two need CUDA and are refused elsewhere (``examples/multinode/README.md``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from multiteach.build import build_components, check_batch_split, data_loader, tile_dataset
-from multiteach.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, tile_dataset
+from multiteach.cache import open_cache, uses_cache
+from multiteach.checkpoint import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+    shared_names,
+)
+from multiteach.distributed import (
+    block_class_names,
+    check_strategy,
+    full_optimizer_state_dict,
+    full_tensor,
+    load_full_optimizer_state_dict,
+)
 from multiteach.ema import EMA
 from multiteach.errors import MultiteachError
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
@@ -101,6 +117,9 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         resume: True requires a checkpoint to resume from; False refuses to reuse a run directory that
             has checkpoints; None (default) resumes when the directory holds a run of the same recipe.
     """
+    # fsdp/deepspeed where Accelerate cannot shard (no CUDA) are refused before anything is built.
+    strategy = recipe.train.distributed.strategy
+    check_strategy(recipe.train.distributed)
     # cpu=True on a machine without GPUs: Accelerate only forms a gloo process group (torchrun, accelerate
     # launch --multi_gpu) when told it runs on CPU; otherwise every process would train alone, silently.
     _fresh_accelerator_state()
@@ -110,6 +129,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         log_with=recipe.train.trackers or None,
         project_dir=recipe.output_dir,
         gradient_accumulation_steps=recipe.optim.grad_accum,
+        **_engine_plugins(recipe),
     )
     world, rank = acc.num_processes, acc.process_index
     micro = check_batch_split(recipe, world)
@@ -135,8 +155,10 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
     tiles = tile_dataset(recipe)
+    # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
+    cache = open_cache(recipe.cache.dir, recipe, tile_paths=tiles.paths) if uses_cache(recipe) else None
     set_seed(recipe.seed)
-    comps = build_components(recipe)
+    comps = build_components(recipe, cache=cache)
     model, teachers = comps.model, comps.teachers
     ema = EMA(model) if (model.needs_ema() or recipe.train.keep_ema) else None
     optimizer = torch.optim.AdamW(
@@ -145,13 +167,17 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
         betas=tuple(recipe.optim.betas),
     )
     state: dict[str, Any] = {"step": 0, "images": 0, "rng": None}
-    if last is not None:
-        state = load_checkpoint(last, model, ema.module if ema else None, optimizer)
+    if last is not None:  # a sharded optimiser loads its state after prepare (_restore_sharded_optimizer)
+        state = load_checkpoint(last, model, ema.module if ema else None, optimizer if strategy == "ddp" else None)
         log.info("resuming from %s (step %d)", last, state["step"])
     start = state["step"]
     if last is None:  # expert DINO/iBOT heads that are not public are fitted once, before training
+        needed = list(dict.fromkeys(t.teacher for t in terms_needing_heads(model.loss)))
         fitted = fit_missing_heads(
-            model.loss, teachers, lambda: data_loader(recipe, tiles, model.student, 0, 1, 0), recipe.seed
+            model.loss,
+            build_teachers(recipe, needed) if cache is not None and needed else teachers,
+            lambda: data_loader(recipe, tiles, model.student, 0, 1, 0),
+            recipe.seed,
         )
         state["fitted_expert_heads"] = fitted
     else:
@@ -172,7 +198,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             model.loss,
             recipe.student.arch,
             sum(p.numel() for p in model.student.parameters()) / 1e6,
-            ", ".join(teachers) or "none",
+            ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
         )
         (run_dir / "data.json").write_text(
             json.dumps(
@@ -185,13 +211,16 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
     if recipe.train.compile:
         model = torch.compile(model)
+    _configure_engine(acc, model, micro)
     model, optimizer = acc.prepare(model, optimizer)
+    if last is not None and strategy != "ddp":
+        _restore_sharded_optimizer(acc, model, optimizer, last, strategy)
     for t in teachers.values():
         t.to(acc.device)
     if ema is not None:
         ema.to(acc.device)
     unwrapped = acc.unwrap_model(model)
-    batches = iter(data_loader(recipe, tiles, unwrapped.student, rank, world, start))
+    batches = iter(data_loader(recipe, tiles, unwrapped.student, rank, world, start, cache=cache))
     if state["rng"] is not None:  # after the loader drew its seed, exactly as the uninterrupted run did
         torch.set_rng_state(state["rng"])
     if acc.is_main_process and recipe.train.trackers:
@@ -213,8 +242,11 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             temp = linear_warmup(step, sch.teacher_temp.start, sch.teacher_temp.end, sch.teacher_temp.warmup_steps)
             _set_hparams(optimizer, lr, wd)
             batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.no_grad():
-                targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
+            if cache is not None:  # read per batch: the cached views of this batch's global crops
+                targets = cache.targets(batch["cache_keys"], acc.device)
+            else:
+                with torch.no_grad():
+                    targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
             with acc.accumulate(model):
                 total, values = model(batch, targets, n_global, temp, ema.module if ema else None)
                 bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
@@ -259,7 +291,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
                 window_t, window_imgs = time.perf_counter(), 0
             stop_now = acc.reduce(torch.tensor([1.0 if stop.requested else 0.0], device=acc.device), "sum").item() > 0
             if step % recipe.train.checkpoint_every == 0 or step == steps or stop_now:
-                _checkpoint(acc, run_dir, step, unwrapped, ema, optimizer, digest, micro * world * accum)
+                _checkpoint(acc, run_dir, step, unwrapped, ema, optimizer, digest, micro * world * accum, strategy)
             if stop_now:
                 log.warning("stop requested: checkpoint written at step %d; re-run the same command to resume", step)
                 break
@@ -276,10 +308,16 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
 
 
 def _check_ranks_agree(acc: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
-    """All processes must end with identical weights; record each rank's checksum in ``ranks.json``."""
+    """All processes must end with identical weights; record each rank's checksum in ``ranks.json``.
+
+    Parameter by parameter (FSDP shards are gathered one at a time), never a flat copy of the model."""
+    mine, offset = torch.zeros(2, dtype=torch.float64), 0
     with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+        for p in model.parameters():
+            flat = full_tensor(p.detach()).double().flatten().cpu()
+            index = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64)
+            mine += torch.stack([flat.sum(), (flat * index).sum()])
+            offset += flat.numel()
     sums = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()
     if acc.is_main_process:
         (run_dir / "ranks.json").write_text(json.dumps({"checksums": sums.tolist()}))
@@ -315,18 +353,91 @@ def _checkpoint(
     optimizer: torch.optim.Optimizer,
     digest: str,
     batch: int,
+    strategy: str = "ddp",
 ) -> None:
+    """Write a checkpoint in the single-process format whatever the strategy: FSDP gathers the full
+    weights and optimiser state (every rank takes part, rank 0 writes); DeepSpeed adds its per-rank
+    engine state (``engine/``, from ``Accelerator.save_state``) beside the full weights."""
     acc.wait_for_everyone()
+    weights: Any = model
+    optim_state: Any = optimizer
+    move_in: dict[str, Path] = {}
+    if strategy == "fsdp":
+        weights = acc.get_state_dict(model)
+        optim_state = full_optimizer_state_dict(model, optimizer.optimizer)
+    elif strategy == "deepspeed":
+        weights, optim_state = acc.get_state_dict(model), None
+        move_in["engine"] = Path(run_dir) / CHECKPOINTS / f".engine-step_{step:08d}"
+        acc.save_state(str(move_in["engine"]))
+        acc.wait_for_everyone()
     if acc.is_main_process:
         save_checkpoint(
             run_dir,
             step,
-            model,
+            weights,
             ema.module if ema else None,
-            optimizer,
-            {"recipe_hash": digest, "images": step * batch},
+            optim_state,
+            {"recipe_hash": digest, "images": step * batch, "strategy": strategy, "processes": acc.num_processes},
+            shared=shared_names(model),
+            move_in=move_in,
         )
     acc.wait_for_everyone()
+
+
+def _engine_plugins(recipe: Any) -> dict[str, Any]:
+    """Accelerate plugins for ``train.distributed`` (none for ddp: Accelerate takes DDP from the launcher)."""
+    cfg = recipe.train.distributed
+    if cfg.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        return {
+            "fsdp_plugin": FullyShardedDataParallelPlugin(
+                fsdp_version=cfg.fsdp.version,
+                reshard_after_forward=cfg.fsdp.reshard_after_forward,
+                cpu_offload=cfg.fsdp.cpu_offload,
+                # the block class names are only known once the student is built (_configure_engine)
+                auto_wrap_policy="transformer_based_wrap" if cfg.fsdp.auto_wrap == "blocks" else "no_wrap",
+                state_dict_type="FULL_STATE_DICT",
+            )
+        }
+    if cfg.strategy == "deepspeed":
+        from accelerate import DeepSpeedPlugin
+
+        return {
+            "deepspeed_plugin": DeepSpeedPlugin(
+                zero_stage=cfg.deepspeed.zero_stage,
+                gradient_accumulation_steps=recipe.optim.grad_accum,
+                gradient_clipping=recipe.optim.clip_grad or 0.0,
+            )
+        }
+    return {}
+
+
+def _configure_engine(acc: Accelerator, model: torch.nn.Module, micro: int) -> None:
+    """Settings only known once the model is built: FSDP wraps each student block (its timm class);
+    DeepSpeed needs the per-process micro-batch (no data loader goes through ``prepare``)."""
+    fsdp = getattr(acc.state, "fsdp_plugin", None)
+    if acc.is_fsdp2 and fsdp is not None and fsdp.auto_wrap_policy is not None:
+        fsdp.transformer_cls_names_to_wrap = block_class_names(getattr(model, "_orig_mod", model))
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None:
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+
+
+def _restore_sharded_optimizer(
+    acc: Accelerator, model: torch.nn.Module, optimizer: Any, last: Path, strategy: str
+) -> None:
+    """Resume the optimiser of a sharded run after ``prepare``: FSDP loads the full state (any strategy's
+    checkpoint) and keeps its shard; DeepSpeed reloads its own per-rank engine state."""
+    if strategy == "fsdp":
+        saved = load_optimizer_state(last)
+        if saved is not None:
+            load_full_optimizer_state_dict(model, optimizer.optimizer, saved)
+            return
+    elif (last / "engine").is_dir():
+        acc.load_state(str(last / "engine"))
+        return
+    log.warning("%s holds no optimiser state %s can load: AdamW moments restart from zero", last.name, strategy)
 
 
 def finish_process(num_processes: int) -> None:

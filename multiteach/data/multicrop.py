@@ -201,7 +201,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
 
     Returns:
         ``global`` (n_global*B, 3, G, G); ``local`` (n_local*B, 3, L, L) or None; and when present
-        ``masks`` (n_global*B, N) bool, ``labels`` (B,) long, ``params`` (B lists of ViewParams).
+        ``masks`` (n_global*B, N) bool, ``labels`` (B,) long, ``params`` (B lists of ViewParams),
+        ``cache_keys`` (n_global*B, 2) long (tile, cached view) when training from a feature cache.
     """
     if not samples:
         raise MultiteachError("collate_multicrop got an empty batch.")
@@ -211,6 +212,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
     out["local"] = _crop_major([v.get("local", []) for v in views])
     if "masks" in views[0]:
         out["masks"] = _crop_major([v["masks"] for v in views])
+    if "cache_keys" in views[0]:
+        out["cache_keys"] = _crop_major([v["cache_keys"] for v in views])
     if "params" in views[0]:
         out["params"] = [v["params"] for v in views]
     if labelled:

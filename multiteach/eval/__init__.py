@@ -46,3 +46,23 @@ __all__ = [
     "to_markdown",
     "topk_retrieval",
 ]
+
+# Model-running entry points (they import timm and the teacher loaders), loaded on first use so that
+# ``import multiteach.eval`` stays a light, metric-only import.
+_LAZY = {
+    "Embedder": "multiteach.eval.embed",
+    "embed_folder": "multiteach.eval.embed",
+    "resolve_model": "multiteach.eval.embed",
+    "teacher_fidelity": "multiteach.eval.fidelity",
+    "evaluate": "multiteach.eval.run",
+    "load_labelled": "multiteach.eval.run",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,517 @@
+"""End-to-end evaluation of one or more models on a labelled tile folder (``multiteach eval``).
+
+For each model (a run directory, an exported student or a teacher; see
+:func:`multiteach.eval.embed.resolve_model`), in turn:
+
+1. embed every labelled image with the model's own preprocessing (its input size, mean and std);
+2. classification with frozen embeddings: kNN (cosine, majority vote, ``k`` neighbours) and a
+   linear probe (standardised logistic regression, C chosen by inner CV). A folder with ``train/``
+   and ``test/`` sub-folders is scored on that split (slide-disjoint in
+   ``shared/data/labeled/tcga_luad_lusc_uni``); any other labelled folder by stratified k-fold CV,
+   group-aware when groups (slide or patient ids) are known;
+3. robustness (optional): PLISM-style matched cosine and top-k retrieval between clean images and
+   the fixed :func:`~multiteach.eval.perturbation_suite` copies (stain, JPEG, blur, scanner colour);
+4. fidelity (run directories only): cosine of the projected student features to each teacher's
+   (:func:`multiteach.eval.fidelity.teacher_fidelity`).
+
+``results.json`` (everything), ``results.md`` (tables) and, for more than one model,
+``comparison.png`` are written atomically to the output folder.
+
+Groups: with ``groups="auto"`` a ``labels.csv`` in the data folder (columns ``file`` or ``path``,
+relative to the folder, and one of :data:`GROUP_COLUMNS`, e.g. ``group`` = ``slide_507``) gives
+each image its group when every image has one; otherwise the evaluation is not group-aware and
+``results.json`` says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multiteach.data.tiles import find_images, labelled_folder
+from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.eval.embed import embed_folder, load_images, model_kind, resolve_model
+from multiteach.eval.knn import knn_cv, knn_eval
+from multiteach.eval.linear import linear_probe, linear_probe_cv
+from multiteach.eval.report import atomic_write_bytes, comparison_chart, to_json, to_markdown
+from multiteach.eval.robustness import DEFAULT_KS, evaluate_perturbations, perturbation_suite
+
+log = logging.getLogger("multiteach.eval")
+
+#: Column names of ``labels.csv`` read as groups by ``groups="auto"``, in order of preference.
+GROUP_COLUMNS: tuple[str, ...] = ("group", "slide", "slide_id", "patient", "patient_id", "case", "case_id")
+LABELS_CSV = "labels.csv"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+CHART_PNG = "comparison.png"
+
+
+# --------------------------------------------------------------------------- labelled data
+@dataclass
+class LabelledSet:
+    """A labelled tile folder, as a train/test split or as one set for cross-validation.
+
+    Attributes:
+        root: The folder.
+        split: True when it has ``train/`` and ``test/`` sub-folders (scored on that split).
+        class_names: Sorted class names; labels index them.
+        train_paths: Training images (all images in CV mode), shape (N_train,).
+        train_labels: Their integer labels, shape (N_train,).
+        test_paths: Test images (empty in CV mode), shape (N_test,).
+        test_labels: Their labels, shape (N_test,).
+        train_groups: Group ids of the training images, or None.
+        test_groups: Group ids of the test images, or None.
+        group_source: Where groups came from (``"labels.csv:group"``), or None.
+        group_note: Why groups are not used, when they are not.
+    """
+
+    root: Path
+    split: bool
+    class_names: list[str]
+    train_paths: list[Path]
+    train_labels: np.ndarray
+    test_paths: list[Path]
+    test_labels: np.ndarray
+    train_groups: np.ndarray | None = None
+    test_groups: np.ndarray | None = None
+    group_source: str | None = None
+    group_note: str | None = None
+
+    @property
+    def all_paths(self) -> list[Path]:
+        """Train then test paths."""
+        return [*self.train_paths, *self.test_paths]
+
+    def groups_overlap(self) -> int | None:
+        """How many groups occur in both train and test (0: group-disjoint), or None without groups."""
+        if not self.split or self.train_groups is None or self.test_groups is None:
+            return None
+        return len(set(self.train_groups.tolist()) & set(self.test_groups.tolist()))
+
+
+def _read_groups(root: Path, paths: Sequence[Path], column: str) -> tuple[np.ndarray | None, str | None, str | None]:
+    """Groups of ``paths`` from ``root/labels.csv``: (groups, source, note-if-unused)."""
+    csv_path = root / LABELS_CSV
+    explicit = column != "auto"
+    if not csv_path.is_file():
+        if explicit:
+            raise MultiteachError(f"groups={column!r}: {csv_path} does not exist")
+        return None, None, f"no {LABELS_CSV} in the data folder"
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        rows = list(reader)
+    path_col = next((c for c in columns if c.lower() in ("file", "path")), None)
+    if explicit:
+        if column not in columns:
+            raise MultiteachError(
+                f"groups={column!r}: {csv_path} has no such column.{did_you_mean(column, columns)} "
+                f"Columns: {', '.join(columns)}."
+            )
+        group_col: str | None = column
+    else:
+        group_col = next((c for g in GROUP_COLUMNS for c in columns if c.lower() == g), None)
+    if path_col is None or group_col is None:
+        note = f"{csv_path} has no file/path column" if path_col is None else f"{csv_path} has no group column"
+        if explicit:
+            raise MultiteachError(note)
+        return None, None, f"{note} (looked for {', '.join(GROUP_COLUMNS)})"
+    by_file = {Path((r.get(path_col) or "").strip()).as_posix(): (r.get(group_col) or "").strip() for r in rows}
+    groups = [by_file.get(p.relative_to(root).as_posix(), "") for p in paths]
+    lacking = sum(1 for g in groups if not g)
+    if lacking:
+        note = f"{LABELS_CSV} column {group_col!r} gives no group for {lacking} of {len(paths)} images"
+        if explicit:
+            raise MultiteachError(note)
+        return None, None, note
+    return np.asarray(groups), f"{LABELS_CSV}:{group_col}", None
+
+
+def load_labelled(root: str | os.PathLike[str], groups: str | None = "auto") -> LabelledSet:
+    """Read a labelled tile folder: ``root/<class>/...`` or ``root/{train,test}/<class>/...``.
+
+    Args:
+        root: The folder.
+        groups: ``"auto"`` (groups from ``labels.csv`` when every image has one), a ``labels.csv``
+            column name (required to cover every image), or None (no groups).
+
+    Returns:
+        The :class:`LabelledSet`.
+
+    Raises:
+        MultiteachError: For a missing or image-less folder, fewer than two classes, a test class
+            that is not in the training set, or an explicit groups column that does not cover the images.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise MultiteachError(f"labelled data folder {str(root)!r} does not exist or is not a folder")
+    split = (root / "train").is_dir() and (root / "test").is_dir()
+    if split:
+        train_paths, train_y, train_names = labelled_folder(root / "train")
+        test_paths, test_y, test_names = labelled_folder(root / "test")
+        unknown = sorted(set(test_names) - set(train_names))
+        if unknown:
+            raise MultiteachError(
+                f"{root}/test has class(es) {', '.join(unknown)} that {root}/train lacks; a model cannot "
+                "learn them from the training split"
+            )
+        names = sorted(train_names)
+        test_labels = np.asarray([names.index(test_names[i]) for i in test_y], dtype=np.int64)
+    else:
+        train_paths, train_y, names = labelled_folder(root)
+        test_paths, test_labels = [], np.zeros(0, dtype=np.int64)
+    data = LabelledSet(
+        root, split, list(names), list(train_paths), np.asarray(train_y, dtype=np.int64), list(test_paths), test_labels
+    )
+    if groups is None:
+        data.group_note = "groups not requested"
+        return data
+    all_groups, source, note = _read_groups(root, data.all_paths, str(groups))
+    data.group_source, data.group_note = source, note
+    if all_groups is not None:
+        n = len(data.train_paths)
+        data.train_groups, data.test_groups = all_groups[:n], (all_groups[n:] if split else None)
+    return data
+
+
+# --------------------------------------------------------------------------- helpers
+def _display_names(specs: Sequence[str], kinds: Sequence[str]) -> list[str]:
+    """Short unique row names: folder names for folders, the spec for teachers; the full spec on a clash."""
+    short = [Path(s).expanduser().resolve().name if k != "teacher" else s for s, k in zip(specs, kinds)]
+    out = []
+    for s, name in zip(specs, short):
+        out.append(name if short.count(name) == 1 else s)
+    if len(set(out)) != len(out):
+        dupes = sorted({n for n in out if out.count(n) > 1})
+        raise MultiteachError(f"model(s) given more than once: {', '.join(dupes)}")
+    return out
+
+
+def _weights_for(specs: Sequence[str], kinds: Sequence[str], weights: str | Mapping[str, str] | None) -> list:
+    """Per-model ``weights=`` (teachers only) from one path or a {spec: path} mapping."""
+    teachers = [s for s, k in zip(specs, kinds) if k == "teacher"]
+    if weights is None:
+        return [None] * len(specs)
+    if isinstance(weights, (str, os.PathLike)):
+        if len(teachers) != 1:
+            raise MultiteachError(
+                f"one weights path given but {len(teachers)} teacher model(s) ({', '.join(teachers) or 'none'}); "
+                "name the model it belongs to: MODEL=PATH"
+            )
+        weights = {teachers[0]: str(weights)}
+    bad = [m for m in weights if m not in teachers]
+    if bad:
+        raise MultiteachError(
+            f"weights given for {', '.join(map(repr, bad))}, which is not one of the teacher models "
+            f"({', '.join(teachers) or 'none'}); weights apply to teacher names only"
+        )
+    return [weights.get(s) if k == "teacher" else None for s, k in zip(specs, kinds)]
+
+
+def _subset(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
+    """At most ``n`` of ``paths``, a seeded random choice kept in the original order."""
+    if len(paths) <= n:
+        return list(paths)
+    idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=n, replace=False))
+    return [paths[i] for i in idx]
+
+
+def _classification(data: LabelledSet, x: np.ndarray, k: int, n_splits: int, seed: int, probe_c: Any) -> dict:
+    """kNN + linear probe on embeddings ``x`` (N, D): train rows then test rows."""
+    if data.split:
+        n = len(data.train_paths)
+        tr, te = x[:n], x[n:]
+        knn = knn_eval(tr, data.train_labels, te, data.test_labels, k=k, metric="cosine")
+        lin = linear_probe(
+            tr, data.train_labels, te, data.test_labels, C=probe_c, train_groups=data.train_groups, seed=seed
+        )
+        return {"knn": knn, "linear": lin}
+    knn = knn_cv(x, data.train_labels, k=k, n_splits=n_splits, groups=data.train_groups, seed=seed, metric="cosine")
+    lin = linear_probe_cv(x, data.train_labels, n_splits=n_splits, groups=data.train_groups, C=probe_c, seed=seed)
+    return {"knn": knn, "linear": lin}
+
+
+def _json_ready(obj: Any) -> Any:
+    """Tuples -> {"mean", "std"}; numpy scalars -> Python; non-finite floats -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(v, (int, float)) for v in obj):
+        return {"mean": _json_ready(obj[0]), "std": _json_ready(obj[1])}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(
+    models: Sequence[str],
+    data: str | os.PathLike[str],
+    *,
+    robustness_images: str | os.PathLike[str] | None = None,
+    groups: str | None = "auto",
+    k: int = 20,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] = "eval-results",
+    weights: str | Mapping[str, str] | None = None,
+    pretrained: bool = True,
+    use_ema: bool = True,
+    batch_size: int = 32,
+    max_images: int = 64,
+    n_splits: int = 5,
+    probe_c: float | str = "auto",
+    robustness_size: int = 224,
+    with_fidelity: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate models on a labelled folder and write ``results.json``, ``results.md`` (and ``comparison.png``).
+
+    Args:
+        models: Run directories, exported student folders and/or teacher names (see
+            :func:`~multiteach.eval.embed.resolve_model`); each is embedded with its own preprocessing.
+        data: Labelled folder: ``<class>/`` sub-folders (stratified, group-aware CV) or ``train/`` and
+            ``test/`` each holding ``<class>/`` sub-folders (scored on that split).
+        robustness_images: Folder of images for the perturbation robustness metrics (at most
+            ``max_images`` of them, a seeded choice); None skips robustness.
+        groups: ``"auto"``, a ``labels.csv`` column, or None; see :func:`load_labelled`.
+        k: kNN neighbours (cosine, majority vote).
+        seed: Seed of folds, probe, image subsets, perturbation directions and random-init weights;
+            the same seed gives the same numbers.
+        out_dir: Output folder (created).
+        weights: Local weights for the teacher model (one path when there is one teacher model), or
+            ``{teacher spec: path}``.
+        pretrained: False gives teacher models random-initialised weights (a baseline).
+        use_ema: Run directories: EMA student (and heads) when the run kept one.
+        batch_size: Images per forward pass.
+        max_images: Most images used for robustness and for fidelity.
+        n_splits: CV folds when there is no train/test split.
+        probe_c: Linear-probe inverse L2 strength: ``"auto"`` (chosen from 1e-3..10 by inner 3-fold
+            CV on the training data, group-aware with groups) or a fixed float (faster).
+        robustness_size: Square size the robustness images are read at (the perturbations act at this
+            size, the same for every model; each model then resizes to its own input size).
+        with_fidelity: Measure fidelity for run directories.
+        device: Where models run.
+        dtype: ``float32`` or ``bfloat16``.
+        progress: Called with one line per step (the CLI prints them).
+
+    Returns:
+        The ``results.json`` content (``protocol``, ``models``, ``metrics``, ``probe``, ``robustness``,
+        ``fidelity``) plus ``files`` (written paths) and ``markdown`` (the ``results.md`` text).
+        ``metrics`` holds one flat row per model: ``knn_bacc``, ``knn_f1``, ``linear_bacc``,
+        ``linear_f1`` (``{"mean", "std"}`` in CV mode), ``robust_cosine``/``robust_top{k}`` (means
+        over perturbations) and ``fidelity_<teacher>_summary``/``_patch``.
+
+    Raises:
+        MultiteachError: Before any model is loaded, for an unknown model, a bad data or robustness
+            folder (single class, no images), or bad options.
+    """
+    say = progress or (lambda line: log.info("%s", line))
+    specs = [str(m) for m in models]
+    if not specs:
+        raise MultiteachError("no model given; name at least one run directory, exported student or teacher")
+    if int(k) < 1:
+        raise MultiteachError(f"k must be at least 1, got {k}")
+    if int(batch_size) < 1:
+        raise MultiteachError(f"batch_size must be at least 1, got {batch_size}")
+    if probe_c != "auto" and (isinstance(probe_c, str) or not float(probe_c) > 0):
+        raise MultiteachError(f"probe_c must be 'auto' or a positive number, got {probe_c!r}")
+    kinds = [model_kind(s) for s in specs]  # raises for anything that is none of the three kinds
+    names = _display_names(specs, kinds)
+    per_weights = _weights_for(specs, kinds, weights)
+    labelled = load_labelled(data, groups)
+    rob_paths: list[Path] = []
+    if robustness_images is not None:
+        if int(max_images) < 2:
+            raise MultiteachError(f"robustness needs max_images >= 2, got {max_images}")
+        rob_paths = _subset(find_images(robustness_images), int(max_images), seed)
+        if len(rob_paths) < 2:
+            raise MultiteachError(f"robustness needs at least 2 images; {robustness_images} has {len(rob_paths)}")
+    overlap = labelled.groups_overlap()
+    if overlap:
+        log.warning("%d group(s) occur in both train and test of %s: the split is not group-disjoint", overlap, data)
+    n_img = len(labelled.all_paths)
+    say(
+        f"data: {labelled.root} ({'train/test split' if labelled.split else f'{n_splits}-fold CV'}, "
+        f"{n_img} images, {len(labelled.class_names)} classes, groups: {labelled.group_source or 'none'})"
+    )
+
+    suite = perturbation_suite(seed)
+    ks = tuple(q for q in DEFAULT_KS if q <= 2 * len(rob_paths) - 1)
+    rob_tensor = load_images(rob_paths, int(robustness_size), batch_size) if rob_paths else None
+    fid_paths = _subset(labelled.test_paths if labelled.split else labelled.train_paths, int(max_images), seed)
+
+    table: dict[str, dict[str, Any]] = {}
+    model_info: dict[str, Any] = {}
+    probe: dict[str, Any] = {}
+    robustness: dict[str, Any] = {}
+    fidelity_out: dict[str, Any] = {}
+    for i, (spec, kind, name, w) in enumerate(zip(specs, kinds, names, per_weights), start=1):
+        tag = f"[{i}/{len(specs)}] {name}"
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        emb = resolve_model(
+            spec,
+            device,
+            dtype=dtype,
+            weights=w,
+            pretrained=pretrained if kind == "teacher" else True,
+            use_ema=use_ema,
+            seed=seed,
+        )
+        seconds["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = embed_folder(emb, labelled.all_paths, batch_size)
+        seconds["embed"] = time.perf_counter() - t0
+        say(f"{tag}: {kind}, {emb.input_size} px, D={emb.dim}; embedded {n_img} images in {seconds['embed']:.1f} s")
+        t0 = time.perf_counter()
+        cls = _classification(labelled, x, int(k), int(n_splits), seed, probe_c)
+        seconds["classification"] = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "knn_bacc": cls["knn"]["balanced_accuracy"],
+            "knn_f1": cls["knn"]["macro_f1"],
+            "linear_bacc": cls["linear"]["balanced_accuracy"],
+            "linear_f1": cls["linear"]["macro_f1"],
+        }
+        if "C" in cls["linear"]:
+            probe[name] = {"C": cls["linear"]["C"]}
+        if rob_tensor is not None:
+            t0 = time.perf_counter()
+            per = evaluate_perturbations(emb, rob_tensor, suite, ks=ks, batch_size=batch_size)
+            seconds["robustness"] = time.perf_counter() - t0
+            robustness[name] = per
+            for metric in next(iter(per.values())):
+                row[f"robust_{metric}"] = float(np.mean([v[metric] for v in per.values()]))
+            say(f"{tag}: robustness on {len(rob_paths)} images x {len(per)} perturbations")
+        if kind == "run" and with_fidelity:
+            from multiteach.eval.fidelity import teacher_fidelity
+
+            t0 = time.perf_counter()
+            try:
+                fid = teacher_fidelity(emb.run, fid_paths, batch_size=batch_size, device=device)
+            except MultiteachError as exc:  # e.g. the teacher weights are not on this machine
+                fidelity_out[name] = {"error": str(exc)}
+                say(f"{tag}: fidelity skipped: {exc}")
+            else:
+                fidelity_out[name] = fid
+                for teacher, values in fid.items():
+                    for key, value in values.items():
+                        row[f"fidelity_{teacher}_{key.split('_')[0]}"] = value
+                say(f"{tag}: fidelity to {', '.join(fid)} on {len(fid_paths)} images")
+            seconds["fidelity"] = time.perf_counter() - t0
+        table[name] = row
+        model_info[name] = {
+            "spec": spec,
+            "kind": kind,
+            "input_size": emb.input_size,
+            "dim": emb.dim,
+            "mean": list(emb.spec.mean),
+            "std": list(emb.spec.std),
+            **emb.info,
+            "seconds": {k_: round(v, 3) for k_, v in seconds.items()},
+        }
+        del emb, x
+
+    protocol = {
+        "data": str(labelled.root),
+        "mode": "train/test" if labelled.split else "cv",
+        "classes": labelled.class_names,
+        "n_train": len(labelled.train_paths),
+        "n_test": len(labelled.test_paths),
+        "n_splits": None if labelled.split else int(n_splits),
+        "groups": labelled.group_source,
+        "groups_note": labelled.group_note,
+        "groups_shared_by_train_and_test": overlap,
+        "knn": {"k": int(k), "metric": "cosine", "weighting": "uniform"},
+        "linear_probe": "StandardScaler + LogisticRegression (lbfgs, L2), "
+        + ("C from (1e-3..10) by inner 3-fold CV" if probe_c == "auto" else f"C={float(probe_c):g}"),
+        "seed": int(seed),
+        "robustness": None
+        if not rob_paths
+        else {
+            "folder": str(robustness_images),
+            "n_images": len(rob_paths),
+            "size": int(robustness_size),
+            "ks": list(ks),
+            "perturbations": list(suite),
+        },
+        "fidelity_images": len(fid_paths) if fidelity_out else 0,
+    }
+    result = {
+        "protocol": protocol,
+        "models": model_info,
+        "metrics": json.loads(to_json(table)),
+        "probe": probe,
+        "robustness": robustness,
+        "fidelity": fidelity_out,
+    }
+    result = _json_ready(result)
+    markdown = _markdown(result, table, robustness)
+    out = Path(out_dir).expanduser()
+    files = {
+        "json": str(atomic_write_bytes(out / RESULTS_JSON, (json.dumps(result, indent=2) + "\n").encode())),
+        "markdown": str(atomic_write_bytes(out / RESULTS_MD, markdown.encode("utf-8"))),
+    }
+    chart = out / CHART_PNG
+    if len(table) > 1:
+        try:
+            files["chart"] = str(comparison_chart(table, chart, title=f"multiteach eval: {labelled.root.name}"))
+        except ImportError:
+            log.warning("matplotlib is not installed; %s not written (pip install matplotlib)", chart)
+    elif chart.is_file():
+        chart.unlink()  # a stale chart of an earlier, multi-model evaluation
+    return {**result, "files": files, "markdown": markdown}
+
+
+def _markdown(result: Mapping[str, Any], table: Mapping[str, Mapping[str, Any]], robustness: Mapping) -> str:
+    """results.md: the protocol in words, the main table, and per-perturbation / fidelity details."""
+    p = result["protocol"]
+    if p["mode"] == "train/test":
+        split = f"train/test split ({p['n_train']} / {p['n_test']} images)"
+        if p["groups_shared_by_train_and_test"] == 0:
+            split += ", group-disjoint"
+        elif p["groups_shared_by_train_and_test"]:
+            split += f", {p['groups_shared_by_train_and_test']} group(s) in both splits"
+    else:
+        split = f"{p['n_splits']}-fold stratified{' group' if p['groups'] else ''} CV over {p['n_train']} images"
+    lines = [
+        "# multiteach eval",
+        "",
+        f"- data: `{p['data']}`: {split}; classes: {', '.join(p['classes'])}",
+        f"- groups: {p['groups'] or 'none'}" + (f" ({p['groups_note']})" if p["groups_note"] else ""),
+        f"- kNN: k={p['knn']['k']}, cosine, majority vote; linear probe: {p['linear_probe']}; seed {p['seed']}",
+    ]
+    if p["robustness"]:
+        r = p["robustness"]
+        lines.append(
+            f"- robustness: {r['n_images']} images from `{r['folder']}` at {r['size']} px, "
+            f"{len(r['perturbations'])} perturbations (robust_* = mean over them)"
+        )
+    if result["fidelity"]:
+        lines.append(
+            f"- fidelity: cosine of projected student features to the teacher's, {p['fidelity_images']} images"
+        )
+    lines += ["", to_markdown(table).rstrip("\n")]
+    if robustness:
+        perts = list(next(iter(robustness.values())))
+        rows = {m: {q: v["cosine"] for q, v in per.items()} for m, per in robustness.items()}
+        lines += ["", "## Matched cosine per perturbation", "", to_markdown(rows, metrics=perts).rstrip("\n")]
+    errors = {m: v["error"] for m, v in result["fidelity"].items() if "error" in v}
+    for model, err in errors.items():
+        lines += ["", f"Fidelity of {model} not measured: {err}"]
+    return "\n".join(lines) + "\n"
