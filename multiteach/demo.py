@@ -16,28 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from multiteach.config import load_recipe
+from multiteach.standins import write_standin_teachers
 
 log = logging.getLogger("multiteach.demo")
 SLIDE = "CMU-1-Small-Region.svs"
-STANDIN_FAMILIES = {"h-optimus-0": "h-optimus-0", "uni": "uni"}
+STANDIN_FAMILIES = ("h-optimus-0", "uni")
 
 
 def slide_path() -> Path:
     """The embedded demo slide."""
     return Path(__file__).resolve().parent / "assets" / SLIDE
-
-
-def build_standins(folder: Path) -> dict[str, Path]:
-    """Write the tiny teacher stand-ins (timm hub layout) and return teacher name -> folder."""
-    from multiteach.standins import save_timm_folder, tiny_timm
-    from multiteach.teachers import resolve_spec
-
-    out = {}
-    for name, family in STANDIN_FAMILIES.items():
-        spec = resolve_spec(name)
-        model, arch, args = tiny_timm(family, seed=len(out))
-        out[name] = save_timm_folder(model, folder / name, arch, args, spec.mean, spec.std)
-    return out
 
 
 def labelled_tiles(slide_file: Path, out: Path, per_class: int = 40) -> Path:
@@ -80,15 +68,15 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     out = Path(out)
     tiles = write_tiles([slide_path()], out / "tiles", target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)
     log.info("tiled %s: %d tiles", SLIDE, tiles.total)
-    standins = build_standins(out / "standins")
+    standins = write_standin_teachers(out / "standins", STANDIN_FAMILIES)
     sets = [f"data.train={out / 'tiles'}", f"output_dir={out / 'run'}"]
     sets += [f"teachers.{name}.weights={path}" for name, path in standins.items()]
     recipe = load_recipe("demo", [*sets, *overrides])
     run_dir = train(recipe)
     export_dir = export_run(run_dir, out / "export", overwrite=True)
     labelled = labelled_tiles(slide_path(), out / "labelled")
-    teachers = [f"local-dir:{path}" for path in standins.values()]
     results = evaluate(
-        [str(run_dir), *teachers], labelled, robustness_images=out / "tiles", out_dir=out / "eval", max_images=32
+        [str(run_dir), *standins], labelled, robustness_images=out / "tiles", out_dir=out / "eval", max_images=32,
+        weights={name: str(path) for name, path in standins.items()},
     )
     return {"tiles": out / "tiles", "run": run_dir, "export": export_dir, "eval": out / "eval", "results": results}

@@ -240,3 +240,16 @@ def tiny_conch_state(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]
     state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
     state["text.dummy"] = torch.zeros(1)  # a full CoCa checkpoint carries the text towers too
     return visual, state
+
+
+def write_standin_teachers(folder: str | Path, names: tuple[str, ...] = ("h-optimus-0", "uni")) -> dict[str, Path]:
+    """Write tiny stand-ins for catalog teachers of the :data:`TINY_TIMM` families, with each teacher's own
+    mean/std, in timm's hub layout; return teacher name -> folder (what a recipe's ``weights:`` takes)."""
+    from multiteach.teachers import resolve_spec
+
+    out = {}
+    for i, name in enumerate(names):
+        spec = resolve_spec(name)
+        model, arch, args = tiny_timm(name, seed=i)
+        out[name] = save_timm_folder(model, Path(folder) / name, arch, args, spec.mean, spec.std)
+    return out
