@@ -47,16 +47,22 @@ def build_student_from(recipe: Any, device: str = "cpu") -> Student:
     )
 
 
+def spec_overrides(cfg: Any) -> dict[str, Any]:
+    """The :class:`TeacherSpec` fields a recipe's teacher entry changes (architecture kwargs, embedding rule)."""
+    overrides: dict[str, Any] = {}
+    if cfg.model_kwargs:
+        overrides["model_kwargs"] = dict(cfg.model_kwargs)
+    if cfg.embedding:
+        overrides["embedding"] = cfg.embedding
+    return overrides
+
+
 def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[str, Teacher]:
     """Load the named teachers of the recipe (frozen, on ``device``)."""
     teachers = {}
     for name in names:
         cfg = recipe.teachers[name]
-        overrides: dict[str, Any] = {}
-        if cfg.model_kwargs:
-            overrides["model_kwargs"] = dict(cfg.model_kwargs)
-        if cfg.embedding:
-            overrides["embedding"] = cfg.embedding
+        overrides = spec_overrides(cfg)
         try:
             teachers[name] = build_teacher(
                 cfg.source,
@@ -229,7 +235,7 @@ def describe_graph(recipe: Any) -> dict[str, Any]:
     specs, teachers = {}, {}
     for name in active_teachers(losses):
         cfg = recipe.teachers[name]
-        overrides = {"model_kwargs": dict(cfg.model_kwargs)} if cfg.model_kwargs else {}
+        overrides = spec_overrides(cfg)
         specs[name] = resolve_spec(cfg.source, **overrides)
         teachers[name] = _count(teacher_architecture(cfg.source, **overrides))
     student = build_student_from(recipe, device="meta")

@@ -198,12 +198,10 @@ def state_dict_hash(module: torch.nn.Module) -> str:
 
 def _recipe_spec(recipe: Any, name: str) -> TeacherSpec:
     """The teacher's spec as the recipe states it, before loading (no files read)."""
+    from multiteach.build import spec_overrides
+
     cfg = recipe.teachers[name]
-    overrides: dict[str, Any] = {}
-    if cfg.model_kwargs:
-        overrides["model_kwargs"] = dict(cfg.model_kwargs)
-    if cfg.embedding:
-        overrides["embedding"] = cfg.embedding
+    overrides = spec_overrides(cfg)
     if cfg.weights:
         overrides["weights"] = cfg.weights
     return resolve_spec(cfg.source, **overrides)
