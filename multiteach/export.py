@@ -405,6 +405,7 @@ def teacher_rows(recipe: Any) -> list[dict[str, Any]]:
                 "noncommercial_derivatives": bool(spec and spec.noncommercial_derivatives),
                 "hub_id": spec.hub_id if spec else None,
                 "url": spec.url if spec else None,
+                "local_weights": recipe.teachers[name].weights,
             }
         )
     return rows
@@ -629,6 +630,13 @@ def model_card(
             src = f"[{r['source']}]({r['url']})" if r["url"] else f"`{r['source']}`"
             nc = "yes" if r["noncommercial_derivatives"] else ("no" if r["in_catalog"] else "unknown")
             out.append(f"| {r['name']} | {src} | {lic} | {'yes' if r['gated'] else 'no'} | {nc} |")
+        local = [r["name"] for r in rows if r.get("local_weights")]
+        if local:
+            out += [
+                "",
+                f"Weights of {', '.join(local)} were loaded from local files (`weights:` in the recipe), not "
+                "from the Hub; check `recipe.yaml` for what they were (the CPU demo uses tiny random stand-ins).",
+            ]
     else:
         out.append("No external teacher: the student learnt from its own EMA copy only.")
     out.append("")
