@@ -76,7 +76,11 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     export_dir = export_run(run_dir, out / "export", overwrite=True)
     labelled = labelled_tiles(slide_path(), out / "labelled")
     results = evaluate(
-        [str(run_dir), *standins], labelled, robustness_images=out / "tiles", out_dir=out / "eval", max_images=32,
+        [str(run_dir), *standins],
+        labelled,
+        robustness_images=out / "tiles",
+        out_dir=out / "eval",
+        max_images=32,
         weights={name: str(path) for name, path in standins.items()},
     )
     return {"tiles": out / "tiles", "run": run_dir, "export": export_dir, "eval": out / "eval", "results": results}
