@@ -39,6 +39,7 @@ import yaml
 
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.losses import LOSSES
+from multiteach.losses.base import term_class
 from multiteach.teachers import resolve_spec
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, Embedding
 
@@ -652,10 +653,7 @@ def _check_term(term: str, cfg: Mapping[str, Any], teachers: Collection[str]) ->
     at = f"losses.{term}"
     if "type" not in cfg:
         raise MultiteachError(f"{at}: missing 'type'. Known types: {', '.join(LOSSES.keys())}.")
-    try:
-        term_cls = LOSSES.get(str(cfg["type"]))
-    except MultiteachError as exc:
-        raise MultiteachError(f"{at}.type: {exc}") from None
+    term_cls = term_class(term, cfg["type"])
     allowed = ("type", "weight", *term_cls.allowed_keys)
     for key in cfg:
         if key not in allowed:

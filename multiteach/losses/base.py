@@ -207,7 +207,7 @@ def build_loss(
         weight = _check_term(name, cfg)
         if weight is None:
             continue
-        cls = _term_class(name, cfg["type"])
+        cls = term_class(name, cfg["type"])
         allowed = ("type", "weight", *cls.allowed_keys)
         for key in cfg:
             if key not in allowed:
@@ -247,7 +247,8 @@ def active_teachers(losses: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _term_class(name: str, type_name: Any) -> type[LossTerm]:
+def term_class(name: str, type_name: Any) -> type[LossTerm]:
+    """The registered class of term ``name``'s ``type`` (errors name ``losses.<name>.type``)."""
     try:
         return LOSSES.get(str(type_name))
     except MultiteachError as exc:

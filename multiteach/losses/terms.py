@@ -173,7 +173,10 @@ MixedTerm = _feature_type("mixed", ("weights",))
 
 
 class _PrototypeTerm(LossTerm):
-    """Shared machinery of DINO and iBOT: a student prototype head and its target branch."""
+    """Shared machinery of DINO and iBOT: a student prototype head, its target branch, and the criterion
+    (``criterion``: :class:`DINOLoss` or :class:`IBOTPatchLoss`, built with the term's temperatures/centering)."""
+
+    criterion: type[nn.Module]
 
     allowed_keys = (
         "out_dim",
@@ -203,6 +206,9 @@ class _PrototypeTerm(LossTerm):
         target_heads: str | None = None,
         fit_tiles: int = 1024,
         fit_steps: int = 300,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "softmax",
     ) -> None:
         super().__init__(name, weight)
         self.fit_tiles, self.fit_steps = fit_tiles, fit_steps
@@ -216,6 +222,7 @@ class _PrototypeTerm(LossTerm):
             self.target_head = DINOHead(target_dim, **head_kw).requires_grad_(False)
             if target_heads:
                 self.load_target_head(target_heads)
+        self.loss = self.criterion(out_dim, student_temp, center_momentum, centering)
 
     def load_target_head(self, path: str | Path) -> None:
         """Load the frozen expert head from a safetensors file (keys of a :class:`DINOHead`)."""
@@ -267,6 +274,7 @@ class DINOTerm(_PrototypeTerm):
     """
 
     allowed_keys = (*_PrototypeTerm.allowed_keys, "local_crops", "same_view_pairs")
+    criterion = DINOLoss
 
     def __init__(
         self,
@@ -274,15 +282,11 @@ class DINOTerm(_PrototypeTerm):
         weight: float,
         student_dim: int,
         target_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "softmax",
         local_crops: bool = True,
         same_view_pairs: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, weight, student_dim, target_dim, **kwargs)
-        self.loss = DINOLoss(self.head.last_layer.out_features, student_temp, center_momentum, centering)
         self.local_crops = local_crops
         self.same_view_pairs = same_view_pairs
 
@@ -313,6 +317,7 @@ class IBOTTerm(_PrototypeTerm):
     """
 
     allowed_keys = (*_PrototypeTerm.allowed_keys, "masked_only", "share_head_with", "resample")
+    criterion = IBOTPatchLoss
 
     def __init__(
         self,
@@ -320,16 +325,12 @@ class IBOTTerm(_PrototypeTerm):
         weight: float,
         student_dim: int,
         target_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "softmax",
         masked_only: bool = True,
         share_head_with: str | None = None,
         resample: str = "bicubic",
         **kwargs: Any,
     ) -> None:
         super().__init__(name, weight, student_dim, target_dim, **kwargs)
-        self.loss = IBOTPatchLoss(self.head.last_layer.out_features, student_temp, center_momentum, centering)
         self.masked_only = masked_only
         self.share_head_with = share_head_with
         self.resample = _choice(name, "resample", resample, RESAMPLE_MODES)
