@@ -319,7 +319,7 @@ def _eval(p: argparse.ArgumentParser):
     return run
 
 
-@command("demo", "the whole path on CPU in minutes: tile a real slide, distil, export, evaluate")
+@command("demo", "the whole path on CPU in minutes: tile a real slide, distil, export, check knowledge moved")
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where everything goes (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. schedule.steps=20")
@@ -329,7 +329,7 @@ def _demo(p: argparse.ArgumentParser):
 
         paths = run_demo(args.out, args.overrides)
         print(paths["results"]["markdown"])
-        for key in ("tiles", "run", "export", "eval"):
+        for key in ("tiles", "run", "export", "knowledge"):
             print(f"{key:>7}: {paths[key]}")
         print(f"  model card: {paths['export'] / 'README.md'}")
         return 0

@@ -4,7 +4,8 @@ Teacher weights cannot be downloaded everywhere (CI, air-gapped clusters, this p
 machines). These helpers write small random-initialised models of the same families into a local
 Hugging Face cache (``models--ORG--NAME/refs/main`` + ``snapshots/<sha>/...``) or a plain folder, so
 the real loading code runs end to end offline. They are used by the tests and the CPU demo; they
-carry no pretrained knowledge and their outputs mean nothing.
+carry no pretrained knowledge, but their outputs do depend on the image (tested), so a student can
+fit them. For a teacher that knows something, use the shipped ``multiteach-tiny``.
 """
 
 from __future__ import annotations
@@ -159,7 +160,23 @@ def tiny_timm(family: str, seed: int = 0) -> tuple[nn.Module, str, dict[str, Any
         args.update(mlp_layer="swiglu_packed", act_layer="silu")
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, num_classes=0, **resolve_layer_kwargs(args)).eval()
+    _wake_layer_scale(model)
     return model, arch, args
+
+
+def _wake_layer_scale(model: nn.Module, value: float = 1.0) -> None:
+    """Set every LayerScale gain to ``value``.
+
+    The families' ``init_values=1e-5`` is right for training from scratch, but on random weights it makes
+    every block a no-op: the summary token is then the same vector for every image, a dead teacher whose
+    targets teach nothing. Trained checkpoints have gains far from 1e-5; the stand-ins keep the parameter
+    (same keys and shapes as the real weights) with a value that lets the image reach the output.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            gamma = getattr(module, "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                gamma.fill_(value)
 
 
 def save_timm_folder(

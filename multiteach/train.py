@@ -48,6 +48,8 @@ from multiteach.distributed import (
 )
 from multiteach.ema import EMA
 from multiteach.errors import MultiteachError
+from multiteach.hardware import resolve_precision
+from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
 from multiteach.schedules import cosine, linear_warmup
 
@@ -125,7 +127,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     _fresh_accelerator_state()
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=recipe.train.precision,
+        mixed_precision=resolve_precision(recipe.train.precision),
         log_with=recipe.train.trackers or None,
         project_dir=recipe.output_dir,
         gradient_accumulation_steps=recipe.optim.grad_accum,
@@ -233,6 +235,10 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc=recipe.name, unit="step")
     step, micro_i, window_t, window_imgs = start, 0, time.perf_counter(), 0
+    # dead teachers / standardisers / flat terms: warned about by the main process (every rank raises in
+    # "error" mode so that no rank waits for a peer that stopped)
+    health = recipe.train.health_check if acc.is_main_process or recipe.train.health_check == "error" else "off"
+    flat_terms = FlatTermWatch(mode=health)
     try:
         for batch in batches:
             lr = cosine(step, steps, o.lr, o.min_lr, o.warmup_steps)
@@ -247,6 +253,8 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             else:
                 with torch.no_grad():
                     targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
+            if micro_i == 0:
+                check_teacher_outputs(targets, health)
             with acc.accumulate(model):
                 total, values = model(batch, targets, n_global, temp, ema.module if ema else None)
                 bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
@@ -266,6 +274,8 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
                 continue
             # one optimiser step completed
             step += 1
+            if step == start + 1:
+                check_standardizers(unwrapped.loss, health)
             if ema is not None:
                 ema.update(unwrapped, cosine(step, steps, sch.ema_momentum.start, sch.ema_momentum.end))
             bar.update(1)
@@ -286,6 +296,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                flat_terms.update({k: record[k] for k in values}, step)
                 if recipe.train.trackers:
                     acc.log(record, step=step)
                 window_t, window_imgs = time.perf_counter(), 0

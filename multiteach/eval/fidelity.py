@@ -8,7 +8,13 @@ teacher's features by cosine similarity:
 - ``summary_cosine``: mean over images of ``cos(head(student summary), teacher summary)``;
 - ``patch_cosine``: mean over images and patch positions of the per-token cosine, after bringing the
   two patch grids together exactly as the term did in training (``resample_to``/``resample``; a term
-  with ``resample: none`` whose grids differ here is resampled bicubically).
+  with ``resample: none`` whose grids differ here is resampled bicubically);
+- ``summary_centred_cosine`` / ``patch_centred_cosine``: the same after removing the teacher's mean
+  over the evaluation images from both sides (:func:`~multiteach.eval.agreement.centred_cosine`): 0 for
+  a teacher whose output does not depend on the image, where the raw cosine says ~1;
+- ``summary_cka``: linear CKA between projected student and teacher summaries;
+- ``summary_teacher_spread`` / ``patch_teacher_spread``: how much the teacher's features vary across
+  images (:func:`~multiteach.eval.agreement.spread`; ~0 flags a dead teacher).
 
 When a term standardised its targets (``standardize: running`` or ``phi-s``) the head was trained to
 predict standardised features, so its output is mapped back with the term's standardiser
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from multiteach.errors import MultiteachError
+from multiteach.eval.agreement import centred_cosine, linear_cka, spread
 from multiteach.eval.embed import load_images, resize_batch
 from multiteach.losses import LOSSES, CompositeLoss, active_teachers, build_loss
 from multiteach.losses.feature import resample_grid
@@ -145,8 +152,9 @@ def teacher_fidelity(
         device: Where the student, heads and teachers run.
 
     Returns:
-        ``{teacher: {"summary_cosine": float, "patch_cosine": float}}`` with a key for each target
-        the run trained a head for; every value is in [-1, 1].
+        ``{teacher: {"summary_cosine", "summary_centred_cosine", "summary_cka", "summary_teacher_spread",
+        "patch_cosine", "patch_centred_cosine", "patch_teacher_spread"}}`` with the keys of each target
+        the run trained a head for (centred/CKA/spread need at least 2 images).
 
     Raises:
         MultiteachError: When the run has no feature term, its heads cannot be restored, a teacher
@@ -177,8 +185,8 @@ def teacher_fidelity(
     if images.ndim != 4 or images.shape[0] == 0:
         raise MultiteachError(f"fidelity: expected images (N, 3, H, W) with N >= 1, got {tuple(images.shape)}")
 
-    sums: dict[str, dict[str, float]] = {t: {k: 0.0 for k in targets} for t, targets in plan.items()}
-    counts: dict[str, dict[str, int]] = {t: {k: 0 for k in targets} for t, targets in plan.items()}
+    preds: dict[str, dict[str, list[torch.Tensor]]] = {t: {k: [] for k in targets} for t, targets in plan.items()}
+    trues: dict[str, dict[str, list[torch.Tensor]]] = {t: {k: [] for k in targets} for t, targets in plan.items()}
     with torch.inference_mode():
         for start in range(0, images.shape[0], int(batch_size)):
             x = resize_batch(images[start : start + int(batch_size)].to(device), size)
@@ -188,14 +196,24 @@ def teacher_fidelity(
                 for target, term in targets.items():
                     if target == "summary":
                         p = _unstandardise(term, loss.heads(name, "summary", s_out.summary).float())
-                        cos = F.cosine_similarity(p, t_out.summary.float(), dim=-1)
+                        t = t_out.summary.float()
                     else:
                         s_tok, t_tok = _align(term, s_out.patch_tokens, s_out.grid, t_out.patch_tokens, t_out.grid)
                         p = _unstandardise(term, loss.heads(name, "patch", s_tok).float())
-                        cos = F.cosine_similarity(p, t_tok.float(), dim=-1)
-                    sums[name][target] += float(cos.double().sum())
-                    counts[name][target] += cos.numel()
-    return {
-        name: {TARGET_KEYS[t]: max(-1.0, min(1.0, sums[name][t] / counts[name][t])) for t in plan[name]}
-        for name in plan
-    }
+                        t = t_tok.float()
+                    preds[name][target].append(p.flatten(0, -2).cpu())
+                    trues[name][target].append(t.flatten(0, -2).cpu())
+    out: dict[str, dict[str, float]] = {}
+    for name, targets in plan.items():
+        out[name] = {}
+        for target in targets:
+            p, t = torch.cat(preds[name][target]), torch.cat(trues[name][target])
+            key = TARGET_KEYS[target]
+            cos = F.cosine_similarity(p.double(), t.double(), dim=-1).mean()
+            out[name][key] = max(-1.0, min(1.0, float(cos)))
+            if t.shape[0] >= 2:
+                out[name][f"{target}_centred_cosine"] = centred_cosine(p, t)
+                out[name][f"{target}_teacher_spread"] = spread(t)
+                if target == "summary":
+                    out[name]["summary_cka"] = linear_cka(p, t)
+    return out

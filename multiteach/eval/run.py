@@ -11,8 +11,9 @@ For each model (a run directory, an exported student or a teacher; see
    group-aware when groups (slide or patient ids) are known;
 3. robustness (optional): PLISM-style matched cosine and top-k retrieval between clean images and
    the fixed :func:`~multiteach.eval.perturbation_suite` copies (stain, JPEG, blur, scanner colour);
-4. fidelity (run directories only): cosine of the projected student features to each teacher's
-   (:func:`multiteach.eval.fidelity.teacher_fidelity`).
+4. fidelity (run directories only): centred cosine and linear CKA of the projected student features
+   to each teacher's (:func:`multiteach.eval.fidelity.teacher_fidelity`); a teacher whose output barely
+   varies across images is reported, never scored as a perfect match.
 
 ``results.json`` (everything), ``results.md`` (tables) and, for more than one model,
 ``comparison.png`` are written atomically to the output folder.
@@ -54,6 +55,11 @@ LABELS_CSV = "labels.csv"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 CHART_PNG = "comparison.png"
+#: Row column -> :func:`~multiteach.eval.fidelity.teacher_fidelity` key: centred measures, which a
+#: constant teacher cannot pass (the raw cosine stays in ``results.json`` under ``fidelity``).
+FIDELITY_COLUMNS = {"summary": "summary_centred_cosine", "patch": "patch_centred_cosine", "cka": "summary_cka"}
+#: A teacher whose features spread less than this across the evaluation images is reported as dead.
+DEAD_SPREAD = 1e-3
 
 
 # --------------------------------------------------------------------------- labelled data
@@ -315,7 +321,7 @@ def evaluate(
         ``fidelity``) plus ``files`` (written paths) and ``markdown`` (the ``results.md`` text).
         ``metrics`` holds one flat row per model: ``knn_bacc``, ``knn_f1``, ``linear_bacc``,
         ``linear_f1`` (``{"mean", "std"}`` in CV mode), ``robust_cosine``/``robust_top{k}`` (means
-        over perturbations) and ``fidelity_<teacher>_summary``/``_patch``.
+        over perturbations) and ``fidelity_<teacher>_summary``/``_patch``/``_cka`` (centred measures).
 
     Raises:
         MultiteachError: Before any model is loaded, for an unknown model, a bad data or robustness
@@ -410,8 +416,15 @@ def evaluate(
             else:
                 fidelity_out[name] = fid
                 for teacher, values in fid.items():
-                    for key, value in values.items():
-                        row[f"fidelity_{teacher}_{key.split('_')[0]}"] = value
+                    for column, key in FIDELITY_COLUMNS.items():
+                        if key in values:
+                            row[f"fidelity_{teacher}_{column}"] = values[key]
+                    dead = [k for k, v in values.items() if k.endswith("teacher_spread") and v < DEAD_SPREAD]
+                    if dead:
+                        say(
+                            f"{tag}: teacher {teacher!r} barely varies across images ({dead[0]} "
+                            f"{values[dead[0]]:.2g} < {DEAD_SPREAD}): its fidelity means nothing"
+                        )
                 say(f"{tag}: fidelity to {', '.join(fid)} on {len(fid_paths)} images")
             seconds["fidelity"] = time.perf_counter() - t0
         table[name] = row
@@ -504,7 +517,8 @@ def _markdown(result: Mapping[str, Any], table: Mapping[str, Mapping[str, Any]],
         )
     if result["fidelity"]:
         lines.append(
-            f"- fidelity: cosine of projected student features to the teacher's, {p['fidelity_images']} images"
+            "- fidelity: centred cosine (teacher mean removed) and linear CKA of projected student features "
+            f"to the teacher's, {p['fidelity_images']} images"
         )
     lines += ["", to_markdown(table).rstrip("\n")]
     if robustness:

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.hardware import resolve_dtype
 from multiteach.teachers import conch, hf_vit, open_clip_tower, timm_vit
 from multiteach.teachers.base import Teacher, TeacherOutput, TeacherSpec, TokenBackbone
 from multiteach.teachers.catalog import CATALOG
+from multiteach.teachers.shipped import is_shipped, verify_shipped
 
 LOADERS: dict[str, ModuleType] = {
     "timm": timm_vit,
@@ -130,8 +132,13 @@ def build_teacher(
         overrides["weights"] = weights
     spec = resolve_spec(name, **overrides)
     if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
         if dtype not in DTYPES:
-            raise MultiteachError(f"teacher {name!r}: dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
+            raise MultiteachError(
+                f"teacher {name!r}: dtype {dtype!r} not supported; use one of auto, {', '.join(DTYPES)}"
+            )
         dtype = DTYPES[dtype]
+    if pretrained and is_shipped(spec.weights):
+        verify_shipped(spec.weights)
     backbone, resolved = LOADERS[spec.loader].load(spec, pretrained=pretrained, dtype=dtype)
     return Teacher(resolved, backbone, input_size=input_size, dtype=dtype).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from multiteach.registry import Registry
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TeacherSpec
+from multiteach.teachers.shipped import shipped_dir
 
 CATALOG: Registry[TeacherSpec] = Registry("teacher")
 
@@ -326,5 +327,25 @@ _add(
         license=NC_ND,
         url="https://github.com/birkhoffkiki/GPFM",
         notes="[unverified] GPFM.pth is assumed to hold DINOv2-format keys, converted with timm's dinov2 filter.",
+    )
+)
+_add(
+    TeacherSpec(
+        name="multiteach-tiny",
+        loader="timm",
+        hub_id=None,
+        arch="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 112},
+        embed_dim=192,
+        patch_size=16,
+        num_prefix_tokens=1,
+        input_size=112,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        license="Apache-2.0",
+        weights=str(shipped_dir("multiteach-tiny")),
+        url="multiteach/assets/teachers/multiteach-tiny/README.md",
+        notes="Shipped inside the package (fp16, no network): a ViT-Ti/16 at 112 px pretrained by multiteach's own "
+        "DINO + iBOT + KoLeo recipe (`pretrain_tiny`) on real H&E tiles; the small, real teacher every machine has.",
     )
 )

@@ -1,0 +1,141 @@
+"""Knowledge transfer: does a student distilled from the shipped `multiteach-tiny` teacher keep what it knows?
+
+    python benchmarks/knowledge_transfer.py [--shared ../shared/data] [--out runs/bench_transfer] [--steps N]
+
+In one run, on this machine:
+1. distils the teacher into the built-in `distill_tiny` student (ViT-Ti width, 5 blocks: < half the
+   teacher's parameters) on real H&E tiles (shared/data/unlabeled_tiles_224 + tiles of the slide shipped
+   with multiteach), timing it;
+2. embeds the labelled sets of shared/data/labeled (LC25000 subset: 5-fold CV; TCGA LUAD/LUSC:
+   slide-disjoint train -> test) with four models: the teacher, a random init of the teacher's
+   architecture, the student, and the student's random-init twin;
+3. prints kNN and linear-probe balanced accuracy per set, the label-free agreement of each model with the
+   teacher (ridge-fitted centred cosine, linear CKA, mutual-kNN@10), the teacher's recorded pretraining
+   curve (kNN vs minutes, from the shipped model card folder), and on its last line the ratios:
+   teacher gain over random (points), the share of that gain the student keeps, and the student's
+   mutual-kNN agreement over its random twin's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multiteach.build import build_student_from
+from multiteach.config import load_recipe
+from multiteach.eval.embed import load_images, resolve_model
+from multiteach.eval.transfer import (
+    classification_scores,
+    embed_images,
+    load_shared_sets,
+    mean_over_sets,
+    student_embedder,
+    teacher_agreement,
+)
+from multiteach.runs import load_run_student
+from multiteach.teachers.shipped import shipped_dir
+
+TEACHER = "multiteach-tiny"
+
+
+def distil(shared: Path, out: Path, steps: int | None) -> tuple[Path, float]:
+    """Train the `distill_tiny` recipe; return (run dir, wall minutes)."""
+    from multiteach.data.wsi import write_tiles
+    from multiteach.demo import slide_path
+    from multiteach.train import train
+
+    slide_tiles = out / "slide_tiles"
+    if not slide_tiles.is_dir():
+        write_tiles([slide_path()], slide_tiles, target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)
+    train_sets = [str(shared / "unlabeled_tiles_224" / "tiles"), str(slide_tiles)]
+    overrides = [f"data.train=[{','.join(train_sets)}]", f"output_dir={out / 'run'}"]
+    if steps:
+        overrides.append(f"schedule.steps={steps}")
+    t0 = time.perf_counter()
+    run_dir = train(load_recipe("distill_tiny", overrides))
+    return run_dir, (time.perf_counter() - t0) / 60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=os.environ.get("MULTITEACH_SHARED", "../shared/data"))
+    ap.add_argument("--out", default="runs/bench_transfer")
+    ap.add_argument("--steps", type=int, default=None, help="override the recipe's schedule.steps")
+    ap.add_argument("--run", default=None, help="score this distill_tiny run directory instead of training one")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    shared, out = Path(args.shared), Path(args.out)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    if args.run:
+        run_dir, minutes = Path(args.run), float("nan")
+    else:
+        run_dir, minutes = distil(shared, out, args.steps)
+    run = load_run_student(run_dir)
+    recipe = run.recipe
+    torch.manual_seed(recipe.seed)
+    twin = build_student_from(recipe)
+    teacher = resolve_model(TEACHER)
+    models = {
+        "teacher": teacher,
+        "random teacher": resolve_model(TEACHER, pretrained=False, seed=recipe.seed),
+        "student": student_embedder(run.student, recipe),
+        "random student": student_embedder(twin, recipe),
+    }
+    n_teacher = sum(p.numel() for p in teacher.model.parameters())
+    n_student = sum(p.numel() for p in run.student.parameters())
+    print(
+        f"teacher {TEACHER}: {n_teacher / 1e6:.2f}M params; student {recipe.student.arch} "
+        f"{recipe.student.kwargs}: {n_student / 1e6:.2f}M ({n_student / n_teacher:.2f}x); "
+        f"distilled {recipe.schedule.steps} steps in {minutes:.1f} min"
+    )
+
+    sets = load_shared_sets(shared / "labeled")
+    images = {name: load_images(data.all_paths, 224) for name, data in sets.items()}
+    feats = {m: {n: embed_images(f, images[n]) for n in sets} for m, f in models.items()}
+    scores = {m: {n: classification_scores(sets[n], feats[m][n]) for n in sets} for m in models}
+
+    print("\nbalanced accuracy (kNN k=10 / linear probe)")
+    print(f"{'model':<16}" + "".join(f"{n:>28}" for n in sets) + f"{'mean':>16}")
+    for m in models:
+        cells = "".join(f"{scores[m][n]['knn']:>19.3f} / {scores[m][n]['linear']:.3f}" for n in sets)
+        mean = f"{mean_over_sets(scores[m], 'knn'):>9.3f} / {mean_over_sets(scores[m], 'linear'):.3f}"
+        print(f"{m:<16}{cells}{mean}")
+
+    all_feats = {m: np.concatenate([feats[m][n] for n in sets]) for m in models}
+    agree = {m: teacher_agreement(all_feats[m], all_feats["teacher"]) for m in models if m != "teacher"}
+    n_img = len(all_feats["teacher"])
+    print(f"\nagreement with the teacher on {n_img} labelled images (no labels used)")
+    print(f"{'model':<16}{'centred cos':>12}{'CKA':>8}{'mutual-kNN@10':>15}")
+    for m, a in agree.items():
+        print(f"{m:<16}{a['centred_cosine']:>12.3f}{a['cka']:>8.3f}{a['mutual_knn']:>15.3f}")
+
+    curve = shipped_dir(TEACHER) / "curve.csv"
+    if curve.is_file():
+        print(f"\nteacher pretraining curve (recorded while training, {curve.name}): kNN / linear mean over sets")
+        with curve.open() as fh:
+            for row in csv.DictReader(fh):
+                print(f"  step {row['step']:>5}  {row['minutes']:>6} min  {row['knn_mean']} / {row['linear_mean']}")
+
+    knn = {m: mean_over_sets(scores[m], "knn") for m in models}
+    lin = {m: mean_over_sets(scores[m], "linear") for m in models}
+    gain = knn["teacher"] - knn["random teacher"]
+    lin_gain = lin["teacher"] - lin["random teacher"]
+    kept = (knn["student"] - knn["random student"]) / gain if gain > 0 else float("nan")
+    mk = agree["student"]["mutual_knn"] / max(agree["random student"]["mutual_knn"], 1e-9)
+    print(
+        f"\nsummary: teacher kNN gain over random {100 * gain:+.1f} pts (linear {100 * lin_gain:+.1f}); "
+        f"student keeps {kept:.2f}x of it; student/random-twin mutual-kNN {mk:.2f}x; "
+        f"centred cos {agree['student']['centred_cosine']:.3f} vs {agree['random student']['centred_cosine']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
