@@ -1,7 +1,8 @@
 """Shared set-up of the examples: tiles from the slide shipped with multiteach, and local teacher stand-ins.
 
 Real teacher weights need a Hugging Face login; the examples write tiny random stand-ins of the real families
-instead (the loading code is the real one). With access, drop the ``weights=`` overrides.
+instead (the loading code is the real one). With access, drop the ``weights=`` overrides. The demo recipe's
+other teacher, ``multiteach-tiny``, ships inside the package.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def tiles(out: Path) -> Path:
     return out / "tiles"
 
 
-def standins(out: Path, names: tuple[str, ...] = ("h-optimus-0", "uni")) -> dict[str, Path]:
+def standins(out: Path, names: tuple[str, ...] = ("h-optimus-0",)) -> dict[str, Path]:
     """Tiny stand-ins for catalog teachers, as folders a recipe's ``weights:`` points at."""
     return write_standin_teachers(out / "standins", names)
 

@@ -6,8 +6,15 @@ The main entry points, importable from the package::
 """
 
 import importlib
+import os
 
-import multiteach_tvshim
+# OpenMP threads that spin-wait at every barrier burn the time slices their descheduled siblings need when
+# another process shares the CPUs (a demo-sized step: 1.9 s -> 14.5 s beside one busy process). This must be
+# set before torch loads its OpenMP runtime; an explicit setting wins (see multiteach/threads.py).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import multiteach_tvshim  # noqa: E402
 
 multiteach_tvshim.apply()  # before anything imports timm/open_clip/transformers
 

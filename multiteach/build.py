@@ -11,10 +11,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop
+from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop, worker_init
 from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
 from multiteach.data.tiles import TileDataset, find_images, read_path_list
-from multiteach.errors import MultiteachError
+from multiteach.errors import MultiteachError, missing_path
 from multiteach.losses import CompositeLoss, active_teachers, build_loss
 from multiteach.model import DistillModel
 from multiteach.students import Student, build_student
@@ -48,20 +48,28 @@ def build_student_from(recipe: Any, device: str = "cpu") -> Student:
 
 
 def spec_overrides(cfg: Any) -> dict[str, Any]:
-    """The :class:`TeacherSpec` fields a recipe's teacher entry changes (architecture kwargs, embedding rule)."""
+    """The :class:`TeacherSpec` fields a recipe's teacher entry changes (architecture kwargs, embedding rule,
+    the opt-in to run Hub code)."""
     overrides: dict[str, Any] = {}
     if cfg.model_kwargs:
         overrides["model_kwargs"] = dict(cfg.model_kwargs)
     if cfg.embedding:
         overrides["embedding"] = cfg.embedding
+    if getattr(cfg, "trust_remote_code", False):
+        overrides["trust_remote_code"] = True
     return overrides
 
 
 def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[str, Teacher]:
     """Load the named teachers of the recipe (frozen, on ``device``)."""
+    from multiteach.config import path_rule
+
     teachers = {}
     for name in names:
         cfg = recipe.teachers[name]
+        if cfg.weights and not Path(cfg.weights).expanduser().exists():
+            key = f"teachers.{name}.weights"
+            raise missing_path(key, cfg.weights, path_rule(recipe, key), "a weights file or folder")
         overrides = spec_overrides(cfg)
         try:
             teachers[name] = build_teacher(
@@ -133,15 +141,18 @@ def tile_dataset(recipe: Any) -> TileDataset:
     sources = recipe.data.train if isinstance(recipe.data.train, (list, tuple)) else [recipe.data.train]
     if not sources or sources == [None]:
         raise MultiteachError("data.train: no training tiles configured; set a folder or a list file")
+    from multiteach.config import path_rule
+
     paths: list[Path] = []
-    for src in sources:
+    for i, src in enumerate(sources):
         p = Path(src).expanduser()
         if p.is_file():
             paths += read_path_list(p)
         elif p.is_dir():
             paths += find_images(p, tuple(recipe.data.extensions))
         else:
-            raise MultiteachError(f"data.train: {p} does not exist (expected a tile folder or a list file)")
+            key = "data.train" if isinstance(recipe.data.train, str) else f"data.train[{i}]"
+            raise missing_path(key, p, path_rule(recipe, key), "a tile folder or a list file")
     ds = TileDataset(paths, transform=None, source=", ".join(map(str, sources)))
     ds.scan()
     return ds
@@ -210,6 +221,7 @@ def data_loader(
         collate_fn=collate_multicrop,
         num_workers=recipe.data.num_workers,
         persistent_workers=False,
+        worker_init_fn=worker_init if recipe.data.num_workers else None,
     )
 
 

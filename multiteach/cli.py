@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from multiteach.errors import MultiteachError
+from multiteach.errors import MultiteachError, RunInterrupted
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -26,11 +26,31 @@ def command(name: str, help_text: str):
     return wrap
 
 
-@command("teachers", "list the teacher catalog (name, dims, tokens, params, preprocessing, licence)")
+@command("teachers", "list the teacher catalog (name, dims, tokens, params, preprocessing, licence); check weights")
 def _teachers(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--check",
+        metavar="NAME",
+        help="check a local checkpoint against teacher NAME before training (needs --weights); exit 0 only when it "
+        "will load exactly, 2 otherwise",
+    )
+    p.add_argument("--weights", metavar="PATH", help="with --check: the weights file or folder (a recipe's `weights:`)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="with --check: allow a teacher whose loading runs code from its Hub repo (Hibou)",
+    )
 
     def run(args: argparse.Namespace) -> int:
+        if args.check or args.weights:
+            if not (args.check and args.weights):
+                raise MultiteachError("--check NAME and --weights PATH go together")
+            from multiteach.teachers.doctor import check_weights
+
+            report = check_weights(args.check, args.weights, trust_remote_code=args.trust_remote_code or None)
+            print(report.render())
+            return report.exit_code
         from multiteach.teachers.describe import render
 
         print(render(as_json=args.json))
@@ -78,7 +98,11 @@ def _tile(p: argparse.ArgumentParser):
 def _config(p: argparse.ArgumentParser):
     p.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
-    p.add_argument("--validate-only", action="store_true", help="only check the recipe and print OK")
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="only check the recipe and that its data and weights paths exist (nothing is built); print OK",
+    )
     p.add_argument("--copy-to", metavar="PATH", help="copy the built-in recipe (and its _base fragments) to PATH")
     p.add_argument("--overwrite", action="store_true", help="with --copy-to: replace existing files")
     p.add_argument(
@@ -86,7 +110,7 @@ def _config(p: argparse.ArgumentParser):
     )
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.config import copy_builtin, load_recipe
+        from multiteach.config import check_paths, copy_builtin, load_recipe
 
         if args.copy_to:
             if args.overrides:
@@ -102,7 +126,8 @@ def _config(p: argparse.ArgumentParser):
 
             print(json.dumps(describe_graph(recipe), indent=2))
         elif args.validate_only:
-            print(f"OK: {recipe.name} is valid")
+            lines = check_paths(recipe)  # raises (exit 2) naming the absolute path of the first missing one
+            print("\n".join([f"OK: {recipe.name} is valid", *(f"  {line}" for line in lines)]))
         else:
             print(recipe.to_yaml(), end="")
         return 0
@@ -119,14 +144,21 @@ def _train(p: argparse.ArgumentParser):
     group.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse a run directory")
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.config import load_recipe
+        from multiteach.config import check_paths, load_recipe
         from multiteach.train import finish_process, train
 
         recipe = load_recipe(args.recipe, args.overrides)
         recipe.check_trainable()
-        run_dir = train(recipe, resume=args.resume)
+        check_paths(recipe)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            run_dir = train(recipe, resume=args.resume)
+        except RunInterrupted as stop:  # every rank leaves with 128 + signal: 130 (SIGINT), 143 (SIGTERM)
+            print(f"multiteach train: {stop}", file=sys.stderr)
+            finish_process(world, stop.exit_code)
+            return stop.exit_code
         print(f"run directory: {run_dir}")
-        finish_process(int(os.environ.get("WORLD_SIZE", "1")))
+        finish_process(world)
         return 0
 
     return run
@@ -198,9 +230,18 @@ def _sweep(p: argparse.ArgumentParser):
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: <output_dir>_sweep)")
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.sweep import run_sweep
+        from multiteach.sweep import SweepInterrupted, run_sweep
 
-        root = run_sweep(args.recipe, args.grid, args.overrides, args.out)
+        try:
+            root = run_sweep(args.recipe, args.grid, args.overrides, args.out)
+        except SweepInterrupted as stop:  # the summary marks the runs that are not complete
+            print((stop.root / "summary.md").read_text(), end="", flush=True)
+            print(
+                f"multiteach sweep: {stop}; the summary marks the unfinished runs, and re-running the same "
+                "sweep resumes them",
+                file=sys.stderr,
+            )
+            return stop.exit_code
         print((root / "summary.md").read_text(), end="")
         print(f"runs, summary.csv/.md and loss_curves.png in {root}")
         return 0
@@ -218,17 +259,30 @@ def _export(p: argparse.ArgumentParser):
     p.add_argument("--public", action="store_true", help="with --push: create the repo public (default private)")
     p.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, contact nothing")
     p.add_argument("--speed", action="store_true", help="measure size/speed vs the teachers for the card")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="export a run that stopped before schedule.steps (the card's title then says incomplete)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from multiteach.export import check_repo_id, export_run, format_files, push_to_hub, run_speed
+        from multiteach.runs import require_complete
 
         if (args.dry_run or args.public) and not args.push:
             raise MultiteachError("--dry-run and --public go with --push ORG/NAME")
         if args.push:
             check_repo_id(args.push)
+        require_complete(args.run_dir, args.allow_incomplete)  # before --speed spends minutes on it
         speed = run_speed(args.run_dir, use_ema=not args.live, progress=print) if args.speed else None
         out = export_run(
-            args.run_dir, args.out, use_ema=not args.live, overwrite=args.overwrite, speed=speed, repo_id=args.push
+            args.run_dir,
+            args.out,
+            use_ema=not args.live,
+            overwrite=args.overwrite,
+            speed=speed,
+            repo_id=args.push,
+            allow_incomplete=args.allow_incomplete,
         )
         print(f"exported to {out}")
         if args.push:
@@ -264,6 +318,9 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--no-groups", action="store_true", help="ignore slide/patient groups from labels.csv")
     p.add_argument("--no-fidelity", action="store_true", help="skip teacher fidelity of run directories")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--strict", action="store_true", help="fail on unreadable images instead of skipping and listing them"
+    )
 
     def probe_c(text: str) -> float | str:
         """``--probe-c``: ``auto`` or a positive number."""
@@ -309,6 +366,7 @@ def _eval(p: argparse.ArgumentParser):
             probe_c=probe_c(args.probe_c),
             with_fidelity=not args.no_fidelity,
             device=args.device,
+            strict=args.strict,
             progress=lambda line: print(line, flush=True),
         )
         print()
@@ -355,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     except MultiteachError as exc:
         print(f"multiteach {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"multiteach {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before a run installed its own handler (loading, building)
+        print(f"multiteach {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as for a run that stopped on it
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ entry removes that entry: this is how a recipe (or ``losses.uni.patch=null``) sw
 configured. The merged mapping is then checked against the dataclass schema below before anything heavy
 is built: every error names the full key path, the bad value and what is allowed, with close matches.
 
+Local paths (``data.train``, ``teachers.*.weights``, ``teachers.*.source: local-dir:...``, ``cache.dir``,
+``losses.*.target_heads``) are made absolute while loading: a relative path written in a recipe file (or a
+``defaults:`` fragment) against that file's folder, one given on the command line against the current
+folder. ``output_dir`` stays relative to the current folder. :func:`check_paths` checks that they exist and
+every "does not exist" error names the absolute path and the rule that produced it (:func:`path_rule`).
+
 YAML is read with 1.2-style scalars: ``5e-4`` is a float, and only ``true``/``false`` are booleans,
 so ``precision: no`` and a loss term's ``on: patch`` key stay strings.
 """
@@ -37,7 +43,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import timm
 import yaml
 
-from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.errors import MultiteachError, did_you_mean, missing_path
 from multiteach.losses import LOSSES
 from multiteach.losses.base import term_class
 from multiteach.teachers import resolve_spec
@@ -63,12 +69,14 @@ __all__ = [
     "TeacherTempSchedule",
     "TrainConfig",
     "apply_override",
+    "check_paths",
     "compose",
     "copy_builtin",
     "deep_merge",
     "find_recipe",
     "list_builtin",
     "load_recipe",
+    "path_rule",
     "save_resolved",
 ]
 
@@ -281,6 +289,8 @@ class TeacherConfig:
         model_kwargs: Architecture kwargs replacing the catalog's.
         pretrained: False gives random weights (tests, benchmarks).
         embedding: How the tile embedding is formed (``cls``, ``cls+mean``, ``pooled``); catalog default when null.
+        trust_remote_code: Allow this teacher's loader to run model code shipped in its Hub repo (Hibou). Off by
+            default: such a teacher is refused with the reason until the recipe opts in for it.
     """
 
     source: str
@@ -290,6 +300,7 @@ class TeacherConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = True
     embedding: str | None = None
+    trust_remote_code: bool = False
 
     def _finish(self, at: str) -> None:
         try:
@@ -460,6 +471,8 @@ class TrainConfig:
             (default), ``error`` (stop; for CI-style runs) or ``off``.
         distributed: Data-parallel strategy (``ddp``, ``fsdp``, ``deepspeed``) and its settings. Not part
             of the recipe hash: a run may resume under another strategy.
+        threads: Intra-op CPU threads per process; null: ``OMP_NUM_THREADS`` when set, else the CPUs this
+            process may use divided by the processes on this machine (:mod:`multiteach.threads`).
     """
 
     precision: Literal["auto", "no", "bf16", "fp16"] = "no"
@@ -471,9 +484,10 @@ class TrainConfig:
     num_processes_hint: int | None = None
     health_check: Literal["warn", "error", "off"] = "warn"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    threads: int | None = None
 
     def _finish(self, at: str) -> None:
-        _positive(self, at, "log_every", "checkpoint_every", "num_processes_hint")
+        _positive(self, at, "log_every", "checkpoint_every", "num_processes_hint", "threads")
         if self.compile and self.distributed.strategy == "fsdp":
             raise MultiteachError(
                 f"{_join(at, 'compile')}: torch.compile is not wired up for distributed.strategy=fsdp (Accelerate "
@@ -909,15 +923,126 @@ def compose(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _compose(Path(path).resolve(), ())
 
 
-def _compose(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
-    """:func:`compose` for a resolved path; ``stack`` holds the files that named it (cycle check)."""
+def _compose(path: Path, stack: tuple[Path, ...], origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`compose` for a resolved path; ``stack`` holds the files that named it (cycle check).
+
+    Relative local paths are made absolute against the folder of the file that writes them; ``origins``
+    (key -> rule, see :func:`path_rule`) collects how, lower layers first so that higher ones win.
+    """
     if path in stack:
         raise MultiteachError(f"defaults form a cycle: {' -> '.join(p.name for p in (*stack, path))}")
     data = _read_yaml(path)
     merged: dict[str, Any] = {}
     for fragment in _defaults_of(path, data):
-        merged = deep_merge(merged, _compose(fragment.resolve(), (*stack, path)))
+        merged = deep_merge(merged, _compose(fragment.resolve(), (*stack, path), origins))
+    for key, node, name in _path_slots(data):
+        node[name] = _resolve_paths(key, node[name], path.parent, f"in {path}", "its folder", origins)
     return deep_merge(merged, data)
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+_LOCAL_DIR = "local-dir:"
+
+
+def _path_slots(tree: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """The local-path entries of a raw recipe mapping: ``(key, mapping holding it, its name there)``."""
+    slots: list[tuple[str, dict[str, Any], str]] = []
+    for section, name in (("data", "train"), ("cache", "dir")):
+        node = tree.get(section)
+        if isinstance(node, dict) and name in node:
+            slots.append((f"{section}.{name}", node, name))
+    for section, name in (("teachers", "weights"), ("teachers", "source"), ("losses", "target_heads")):
+        entries = tree.get(section)
+        for entry_name, node in (entries or {}).items() if isinstance(entries, dict) else ():
+            if isinstance(node, dict) and name in node:
+                slots.append((f"{section}.{entry_name}.{name}", node, name))
+    return slots
+
+
+def _resolve_paths(key: str, value: Any, base: Path, where: str, base_name: str, origins: dict[str, str] | None) -> Any:
+    """``value`` (a path or a list of them) with relative paths joined to ``base``; records each rule.
+
+    ``where`` says where the value was written ("in FILE", "from the command line (k=v)") and ``base_name``
+    what ``base`` is ("its folder", "the current folder"), for :func:`path_rule`.
+
+    Non-path values (null, numbers, a ``source`` that is not ``local-dir:``) are returned unchanged.
+    """
+    if origins is not None:
+        for old in [k for k in origins if k == key or k.startswith(f"{key}[")]:
+            del origins[old]
+
+    def one(item: Any, at: str) -> Any:
+        prefix = ""
+        if key.endswith(".source"):
+            if not (isinstance(item, str) and item.startswith(_LOCAL_DIR)):
+                return item
+            prefix, item = _LOCAL_DIR, item[len(_LOCAL_DIR) :]
+        if not isinstance(item, str) or not item.strip():
+            return prefix + item if isinstance(item, str) else item
+        given = Path(item).expanduser()
+        if given.is_absolute():
+            resolved, rule = os.path.normpath(given), f"absolute, {where}"
+        else:
+            resolved = os.path.normpath(base / given)
+            rule = f"{item!r} {where}, relative to {base_name} {base}"
+        if origins is not None:
+            origins[at] = rule
+        return prefix + resolved
+
+    if isinstance(value, list):
+        return [one(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return one(value, key)
+
+
+def path_rule(recipe: Any, key: str) -> str:
+    """How the local path at ``key`` (``data.train``, ``data.train[1]``, ``teachers.uni.weights``, ...) of a
+    recipe from :func:`load_recipe` was made absolute, for error messages."""
+    origins = getattr(recipe, "path_origins", None) or {}
+    return origins.get(key) or origins.get(key.split("[")[0]) or f"relative to the current folder {Path.cwd()}"
+
+
+def _local_paths(recipe: Recipe) -> list[tuple[str, Path, str]]:
+    """``(key, path, what it must be)`` for every local path a recipe names (null entries left out)."""
+    out: list[tuple[str, Path, str]] = []
+    train = recipe.data.train
+    if isinstance(train, str):
+        out.append(("data.train", Path(train), "a tile folder or a list file"))
+    else:
+        out += [(f"data.train[{i}]", Path(p), "a tile folder or a list file") for i, p in enumerate(train or [])]
+    for name, teacher in recipe.teachers.items():
+        if teacher.weights:
+            out.append((f"teachers.{name}.weights", Path(teacher.weights), "a weights file or folder"))
+        if teacher.source.startswith(_LOCAL_DIR):
+            out.append((f"teachers.{name}.source", Path(teacher.source[len(_LOCAL_DIR) :]), "a model folder"))
+    for term, cfg in recipe.active_losses().items():
+        if cfg.get("target_heads"):
+            out.append((f"losses.{term}.target_heads", Path(cfg["target_heads"]), "a safetensors file"))
+    return out
+
+
+def check_paths(recipe: Recipe) -> list[str]:
+    """Check that the data and weights paths of a recipe exist, without building anything.
+
+    Returns:
+        One line per path: key, absolute path, what was found there and how the path was resolved;
+        ``data.train`` unset and a ``cache.dir`` not written yet are reported, not refused.
+
+    Raises:
+        MultiteachError: for the first path that does not exist, naming the absolute path and its rule.
+    """
+    lines = [] if recipe.data.train else ["data.train: not set (training needs it, e.g. data.train=/data/tiles)"]
+    for key, path, expected in _local_paths(recipe):
+        rule = path_rule(recipe, key)
+        path = Path(os.path.abspath(path.expanduser()))
+        if not path.exists():
+            raise missing_path(key, path, rule, expected)
+        lines.append(f"{key}: {path} ({'folder' if path.is_dir() else 'file'}, exists; {rule})")
+    if recipe.cache is not None and recipe.cache.dir:
+        key, path = "cache.dir", Path(os.path.abspath(Path(recipe.cache.dir).expanduser()))
+        state = "exists" if path.is_dir() else "not written yet: `multiteach cache` writes it"
+        lines.append(f"{key}: {path} ({state}; {path_rule(recipe, key)})")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -1037,10 +1162,18 @@ def load_recipe(source: str | os.PathLike[str], overrides: Iterable[str] = ()) -
         MultiteachError: for a missing recipe, bad YAML, a bad override or a schema violation.
     """
     path = find_recipe(source)
-    tree = compose(path)
+    origins: dict[str, str] = {}
+    tree = _compose(path.resolve(), (), origins)
     for override in [overrides] if isinstance(overrides, str) else overrides:
+        before = {key: copy.deepcopy(node[name]) for key, node, name in _path_slots(tree)}
         apply_override(tree, override)
-    return Recipe.from_dict(tree, name=path.stem)
+        for key, node, name in _path_slots(tree):  # paths this override set: relative to the current folder
+            if key not in before or node[name] != before[key]:
+                where = f"from the command line ({override})"
+                node[name] = _resolve_paths(key, node[name], Path.cwd(), where, "the current folder", origins)
+    recipe = Recipe.from_dict(tree, name=path.stem)
+    recipe.path_origins = origins
+    return recipe
 
 
 def _atomic_write(path: Path, text: str) -> None:

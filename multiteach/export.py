@@ -43,7 +43,7 @@ from torch import nn
 import multiteach
 from multiteach.errors import MultiteachError
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
-from multiteach.runs import LOSS_PREFIX, RunStudent, load_run_student
+from multiteach.runs import LOSS_PREFIX, RunStudent, load_run_student, require_complete
 from multiteach.standins import atomic_save_safetensors, atomic_write_json, timm_config
 
 log = logging.getLogger("multiteach.export")
@@ -51,7 +51,6 @@ log = logging.getLogger("multiteach.export")
 EXPORT_FILES = ("README.md", "config.json", "heads.safetensors", "model.safetensors", "recipe.yaml")
 MASK_TOKEN_KEY = "student.mask_token"
 NC_LICENSE = "cc-by-nc-nd-4.0"
-CATALOG_NC_ND = "CC-BY-NC-ND-4.0"
 PLACEHOLDER_REPO = "ORG/NAME"
 CARD_TAGS = ["pathology", "multiteach", "distillation"]
 
@@ -67,6 +66,7 @@ def export_run(
     evaluation: Mapping[str, Mapping[str, Any]] | None = None,
     speed: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
+    allow_incomplete: bool = False,
 ) -> Path:
     """Export the last checkpoint of a run as a timm model folder (see the module docstring for the files).
 
@@ -83,18 +83,22 @@ def export_run(
         speed: Optional :func:`speed_card` result, shown as a speed/size table in the card.
         repo_id: ``ORG/NAME`` the export will be pushed to; the card's loading line uses it (else
             ``ORG/NAME`` as a placeholder).
+        allow_incomplete: Export a run whose last checkpoint is before ``schedule.steps`` (its card's title
+            then says "incomplete"); otherwise such a run is refused.
 
     Returns:
         ``out_dir`` as a resolved path.
 
     Raises:
-        MultiteachError: when ``run_dir`` is not a run directory or has no checkpoint, or ``out_dir`` exists
-            and is not empty (without ``overwrite``), is a file, or holds the run itself.
+        MultiteachError: when ``run_dir`` is not a run directory or has no checkpoint, is incomplete (without
+            ``allow_incomplete``), or ``out_dir`` exists and is not empty (without ``overwrite``), is a file,
+            or holds the run itself.
     """
     run_dir = Path(run_dir).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, run_dir, overwrite)
     run = load_run_student(run_dir, use_ema=use_ema)
+    require_complete(run_dir, allow_incomplete)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
@@ -387,20 +391,28 @@ def _checkpoint_step(checkpoint: Path) -> int | None:
 def teacher_rows(recipe: Any) -> list[dict[str, Any]]:
     """One row per teacher an active term uses: recipe name, source and the catalog's licence facts.
 
-    Sources not in the catalog (``hf-hub:``, ``local-dir:``, timm names, ...) get ``license=None``.
+    Licence facts come from :data:`multiteach.teachers.licences.LICENCES` through the catalog entry, the one
+    source the README table and ``multiteach teachers`` use too. Sources not in the catalog (``hf-hub:``,
+    ``local-dir:``, timm names, ...) get ``license=None``.
     """
     from multiteach.teachers.catalog import CATALOG
+    from multiteach.teachers.licences import licence_terms
 
     rows = []
     for name in _used_teachers(recipe):
         source = recipe.teachers[name].source
         spec = CATALOG.get(source) if source in CATALOG else None
+        terms = licence_terms(spec.license) if spec else None
         rows.append(
             {
                 "name": name,
                 "source": source,
                 "in_catalog": spec is not None,
                 "license": spec.license if spec else None,
+                "licence_known": terms is not None,
+                "hf_license": terms.hf_license if terms else None,
+                "restriction": terms.reason if terms else "",
+                "licence_note": terms.note if terms else "",
                 "gated": bool(spec and spec.gated),
                 "noncommercial_derivatives": bool(spec and spec.noncommercial_derivatives),
                 "hub_id": spec.hub_id if spec else None,
@@ -414,25 +426,26 @@ def teacher_rows(recipe: Any) -> list[dict[str, Any]]:
 def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
     """The card's ``license`` front matter and the licence paragraph, from the teachers' licences.
 
-    Any teacher whose outputs may not train commercial models (``noncommercial_derivatives``: UNI, UNI2, CONCH,
-    H0-mini, ...) makes the student non-commercial: ``cc-by-nc-nd-4.0`` when those teachers are CC-BY-NC-ND-4.0,
-    else ``other``. Apache-2.0 teachers only give ``apache-2.0``; anything else is ``other`` with the reason.
+    Every teacher whose licence restricts students (``noncommercial_derivatives``, derived from the licence:
+    any non-commercial or no-derivatives licence, or terms barring commercial use of models trained on its
+    outputs) is named with its licence and the reason, and makes the student non-commercial:
+    ``cc-by-nc-nd-4.0`` when those teachers are all CC-BY-NC-ND-4.0, else ``other``. Teachers whose licences
+    are all Apache-2.0 give ``apache-2.0``; anything else is ``other`` with the reason.
 
     Returns:
         ``(front matter fields, markdown lines)``.
     """
     nc = [r for r in rows if r["noncommercial_derivatives"]]
-    unknown = [r for r in rows if not r["in_catalog"]]
+    unknown = [r for r in rows if not r["in_catalog"] or not r.get("licence_known", r["in_catalog"])]
     lines: list[str] = []
     if nc:
-        names = ", ".join(f"{r['name']} ({r['license']})" for r in nc)
+        names = "; ".join(f"{r['name']} ({r['license']}: {r.get('restriction') or 'non-commercial terms'})" for r in nc)
         lines.append(
-            "> **Non-commercial use only.** This student was trained on the outputs of "
-            f"{names}, whose terms bar models trained on their outputs from commercial use (models trained on "
-            "UNI/UNI2/CONCH/H0-mini outputs may not be used commercially). The student inherits that "
-            "non-commercial restriction."
+            "> **Non-commercial use only.** This student was trained on the outputs of teachers whose terms restrict "
+            f"models derived from them: {names}. The student inherits that restriction: it may not be used "
+            "commercially."
         )
-        if all(r["license"] == CATALOG_NC_ND for r in nc):
+        if all(r.get("hf_license") == NC_LICENSE for r in nc):
             front = {"license": NC_LICENSE}
         else:
             front = {"license": "other", "license_name": "noncommercial-derivative"}
@@ -440,7 +453,7 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
                 "> Licence `other`: the teachers' non-commercial terms differ from CC-BY-NC-ND-4.0; "
                 "the most restrictive of them applies."
             )
-    elif rows and all(r["license"] == "Apache-2.0" for r in rows):
+    elif rows and not unknown and all(r.get("hf_license") == "apache-2.0" for r in rows):
         front = {"license": "apache-2.0"}
         lines.append("All teachers are Apache-2.0; check their model cards for additional terms.")
     else:
@@ -453,10 +466,13 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
         lines.append(f"Licence `other`: {reason}; set it yourself after checking the teachers' terms.")
     if unknown:
         lines.append(
-            "> Teacher(s) not in the multiteach catalog: "
+            "> Teacher(s) whose licence multiteach does not know: "
             + ", ".join(f"`{r['source']}`" for r in unknown)
             + ". Check their licences before using or sharing this model."
         )
+    noted = [r for r in rows if r.get("licence_note")]
+    if noted:
+        lines.append("Terms to respect: " + "; ".join(f"{r['name']}: {r['licence_note']}" for r in noted) + ".")
     gated = [r for r in rows if r["gated"]]
     if gated:
         lines.append(
@@ -570,7 +586,10 @@ def model_card(
     size, mean, std = recipe.student.img_size, list(recipe.student.mean), list(recipe.student.std)
     step = _checkpoint_step(run.checkpoint)
     teachers = ", ".join(f"`{r['name']}`" for r in rows) or "no external teacher (self-distillation)"
-    out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {recipe.name}", ""]
+    title = f"# {recipe.name}"
+    if step is not None and step < recipe.schedule.steps:
+        title += f" (incomplete: {step} of {recipe.schedule.steps} steps)"
+    out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", title, ""]
     out += [
         f"A `{student.arch}` vision transformer ({params / 1e6:.2f}M parameters, {student.embed_dim}-d tokens, "
         f"patch {student.patch_size}, {student.num_registers} register token(s)) distilled from {teachers} with "

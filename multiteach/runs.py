@@ -63,3 +63,38 @@ def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
     student.load_state_dict({k[len(STUDENT_PREFIX) :]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})
     rest = {k: v for k, v in sd.items() if not k.startswith(STUDENT_PREFIX)}
     return RunStudent(student.eval(), recipe, ckpt, which, rest)
+
+
+def run_progress(run_dir: str | Path) -> tuple[int, int | None]:
+    """``(steps done, steps planned)`` of a run directory, without loading any weights.
+
+    Steps done are those of the last complete checkpoint (0 without one); steps planned are the run's
+    ``schedule.steps`` (None when the folder has no ``recipe.yaml``).
+    """
+    import json
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    done = int(json.loads((ckpt / "state.json").read_text())["step"]) if ckpt is not None else 0
+    try:
+        planned = int(yaml.safe_load((run_dir / "recipe.yaml").read_text())["schedule"]["steps"])
+    except (OSError, KeyError, TypeError, ValueError):
+        planned = None
+    return done, planned
+
+
+def require_complete(run_dir: str | Path, allow_incomplete: bool = False) -> None:
+    """Refuse a run that stopped before ``schedule.steps`` (SIGTERM/SIGINT, a kill), unless allowed.
+
+    Raises:
+        MultiteachError: naming the steps done and planned and how to finish the run.
+    """
+    done, planned = run_progress(run_dir)
+    if planned is not None and done < planned and not allow_incomplete and latest_checkpoint(run_dir) is not None:
+        raise MultiteachError(
+            f"{run_dir} is incomplete: its last checkpoint is at step {done} of {planned} (schedule.steps). Re-run "
+            "the same `multiteach train` command to finish it, or pass --allow-incomplete (allow_incomplete=True) "
+            "to export it anyway; the model card then says it is incomplete"
+        )

@@ -1,5 +1,11 @@
 """Ablation sweeps: one run directory per combination of ``--grid key=v1,v2,...`` values, one summary table
-(CSV + Markdown) of the final metrics, and one plot of every run's loss curve (PNG)."""
+(CSV + Markdown) of the final metrics, and one plot of every run's loss curve (PNG).
+
+The first SIGTERM/SIGINT stops the sweep after the run in progress has written its checkpoint: no further
+run starts, the summary marks every run ``complete``, ``incomplete`` or ``not started`` with its steps done
+out of planned, and :class:`SweepInterrupted` carries the exit status (130/143) to the command line.
+Re-running the same sweep skips the complete runs and resumes the others from their last checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from multiteach.config import load_recipe
-from multiteach.errors import MultiteachError
+from multiteach.config import check_paths, load_recipe
+from multiteach.errors import MultiteachError, RunInterrupted
+from multiteach.runs import run_progress
 
 log = logging.getLogger("multiteach.sweep")
+
+COMPLETE, INCOMPLETE, NOT_STARTED = "complete", "incomplete", "not started"
+
+
+class SweepInterrupted(RunInterrupted):
+    """A sweep stopped on SIGTERM/SIGINT; ``root`` holds its summary, which marks the unfinished runs."""
+
+    def __init__(self, stop: RunInterrupted, root: Path) -> None:
+        super().__init__(stop.signum, stop.step, stop.steps, stop.run_dir)
+        self.root = root
 
 
 def split_values(text: str) -> list[str]:
@@ -57,42 +74,88 @@ def run_sweep(source: str, grid: list[str], overrides: list[str] = (), root: str
         overrides: Overrides applied to every run.
         root: Sweep folder (default: ``<output_dir>_sweep`` of the base recipe).
 
+    Runs that already reached ``schedule.steps`` (same recipe) are not trained again; the others resume
+    from their last checkpoint, so re-running an interrupted sweep finishes it.
+
     Raises:
         MultiteachError: for a grid key that does not exist in the recipe (checked for every value before
             anything trains) or a malformed ``--grid``.
+        SweepInterrupted: after SIGTERM/SIGINT, once the run in progress has checkpointed and the summary
+            (marking the unfinished runs) is written; no further run starts.
     """
-    from multiteach.train import train
+    from multiteach.train import StopRequest, train
 
     axes = parse_grid(list(grid))
     base = load_recipe(source, list(overrides))
     base.check_trainable()
+    check_paths(base)
     for key, values in axes.items():  # validate every value before the first run
         for v in values:
             load_recipe(source, [*overrides, f"{key}={v}"])
     root = Path(root) if root else Path(f"{base.output_dir}_sweep")
-    rows = []
+    plan = []
     for combo in itertools.product(*axes.values()):
         sets = [f"{k}={v}" for k, v in zip(axes, combo)]
         name = "__".join(_label(k, v) for k, v in zip(axes, combo))
-        run_dir = root / name
-        recipe = load_recipe(source, [*overrides, *sets, f"output_dir={run_dir}"])
-        log.info("sweep run %s", name)
-        train(recipe)
-        rows.append({"run": name, **dict(zip(axes, combo)), **_final_metrics(run_dir)})
-    _write_summary(root, list(axes), rows)
-    _plot_curves(root, [r["run"] for r in rows])
+        plan.append(
+            (name, dict(zip(axes, combo)), load_recipe(source, [*overrides, *sets, f"output_dir={root / name}"]))
+        )
+    stopped: RunInterrupted | None = None
+    with StopRequest() as stop:  # spans the runs: a signal between two runs also stops the sweep
+        for name, _, recipe in plan:
+            if stop.requested:
+                stopped = RunInterrupted(stop.signum, run_progress(root / name)[0], recipe.schedule.steps, root / name)
+                break
+            if _is_complete(recipe):
+                log.info("sweep run %s: complete, not trained again", name)
+                continue
+            log.info("sweep run %s", name)
+            try:
+                train(recipe, stop=stop)
+            except RunInterrupted as exc:
+                stopped = exc
+                break
+        root.mkdir(parents=True, exist_ok=True)
+        rows = [_row(root / name, name, values, recipe.schedule.steps) for name, values, recipe in plan]
+        _write_summary(root, list(axes), rows)
+        _plot_curves(root, rows)
+    if stopped is not None:
+        raise SweepInterrupted(stopped, root)
     return root
 
 
-def _final_metrics(run_dir: Path) -> dict[str, Any]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+def _is_complete(recipe: Any) -> bool:
+    """Whether the recipe's run directory holds a checkpoint of this recipe at ``schedule.steps``."""
+    from multiteach.checkpoint import latest_checkpoint
+    from multiteach.train import recipe_hash
+
+    last = latest_checkpoint(recipe.output_dir)
+    if last is None:
+        return False
+    state = json.loads((last / "state.json").read_text())
+    return state.get("recipe_hash") == recipe_hash(recipe) and int(state["step"]) >= recipe.schedule.steps
+
+
+def _row(run_dir: Path, name: str, values: dict[str, str], planned: int) -> dict[str, Any]:
+    """One summary row: the grid values, whether the run is complete (steps done/planned), its last metrics."""
+    done, _ = run_progress(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    status = COMPLETE if done >= planned else (INCOMPLETE if done or lines else NOT_STARTED)
+    return {
+        "run": name,
+        **values,
+        "status": status,
+        "steps": f"{done}/{planned}",
+        **(json.loads(lines[-1]) if lines else {}),
+    }
 
 
 def _write_summary(root: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     from multiteach.standins import _atomic
 
-    columns = ["run", *keys] + sorted({c for r in rows for c in r} - {"run", *keys})
+    first = ["run", *keys, "status", "steps"]
+    columns = first + sorted({c for r in rows for c in r} - set(first))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
@@ -107,7 +170,9 @@ def _write_summary(root: Path, keys: list[str], rows: list[dict[str, Any]]) -> N
     _atomic(root / "summary.md", lambda p: p.write_text("\n".join(md) + "\n"))
 
 
-def _plot_curves(root: Path, runs: list[str]) -> None:
+def _plot_curves(root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Write ``loss_curves.png``: one curve per run that logged anything, unfinished runs dashed and
+    labelled with their status and steps; returns the legend labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -116,14 +181,22 @@ def _plot_curves(root: Path, runs: list[str]) -> None:
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for run in runs:
-        recs = [json.loads(x) for x in (root / run / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=run)
+    labels = []
+    for row in rows:
+        metrics = root / row["run"] / "metrics.jsonl"
+        recs = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if not recs:
+            continue
+        complete = row["status"] == COMPLETE
+        labels.append(row["run"] if complete else f"{row['run']} ({row['status']}, {row['steps']} steps)")
+        style = "-" if complete else "--"
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=labels[-1])
     ax.set_xlabel("step")
     ax.set_ylabel("total loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
     _atomic(root / "loss_curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
+    return labels
 
 
-__all__ = ["parse_grid", "run_sweep", "split_values"]
+__all__ = ["SweepInterrupted", "parse_grid", "run_sweep", "split_values"]

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,28 +48,58 @@ from multiteach.distributed import (
     load_full_optimizer_state_dict,
 )
 from multiteach.ema import EMA
-from multiteach.errors import MultiteachError
+from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.hardware import resolve_precision
 from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
+from multiteach.losses import active_teachers
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
 from multiteach.schedules import cosine, linear_warmup
+from multiteach.teachers.doctor import preflight
+from multiteach.threads import choose_threads
 
 log = logging.getLogger("multiteach.train")
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoints and exits)."""
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoints and stops).
+
+    The first signal is kept (its number sets the exit status, 128 + signal); later ones change nothing,
+    so a launcher that forwards the signal again (torchrun does) cannot turn a graceful stop into a crash.
+    Handlers are installed only in the main thread, the only one Python delivers signals to.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+            # os.write, not print: the signal may interrupt a print to stderr (re-entrant buffered write)
+            os.write(
+                2,
+                f"multiteach: {signal.Signals(signum).name} received (pid {os.getpid()}): finishing the current "
+                "step, then a checkpoint and stop\n".encode(),
+            )
 
     def restore(self) -> None:
+        """Put back the handlers that were there before."""
         for s, handler in self._old.items():
             signal.signal(s, handler)
+        self._old = {}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 def recipe_hash(recipe: Any) -> str:
@@ -111,14 +142,35 @@ def _first_bad_term(values: dict[str, torch.Tensor]) -> str:
     return ", ".join(bad) if bad else "the weighted sum"
 
 
-def train(recipe: Any, resume: bool | None = None) -> Path:
-    """Distil a student as the recipe says; return the run directory.
+def train(recipe: Any, resume: bool | None = None, stop: StopRequest | None = None) -> Path:
+    """Distil a student as the recipe says; return the run directory of the finished run.
 
     Args:
         recipe: A validated :class:`multiteach.config.Recipe`.
         resume: True requires a checkpoint to resume from; False refuses to reuse a run directory that
             has checkpoints; None (default) resumes when the directory holds a run of the same recipe.
+        stop: Records SIGTERM/SIGINT; default: handlers installed for this call only (a sweep passes one
+            that spans all its runs).
+
+    Raises:
+        RunInterrupted: after SIGTERM/SIGINT (to any rank): every rank finished the step it was on and a
+            checkpoint of that step was written; re-running resumes there.
     """
+    own = stop is None
+    stop = StopRequest() if stop is None else stop
+    threads = torch.get_num_threads()
+    try:
+        return _train(recipe, resume, stop)
+    finally:
+        torch.set_num_threads(threads)  # train.threads applies to the run, not to the caller's process
+        if own:
+            stop.restore()
+
+
+def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
+    """:func:`train` with its stop flag in place."""
+    n_threads, threads_from = choose_threads(recipe.train.threads)
+    torch.set_num_threads(n_threads)
     # fsdp/deepspeed where Accelerate cannot shard (no CUDA) are refused before anything is built.
     strategy = recipe.train.distributed.strategy
     check_strategy(recipe.train.distributed)
@@ -159,6 +211,8 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     tiles = tile_dataset(recipe)
     # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
     cache = open_cache(recipe.cache.dir, recipe, tile_paths=tiles.paths) if uses_cache(recipe) else None
+    if cache is None:  # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
+        preflight(recipe, active_teachers(recipe.active_losses()))
     set_seed(recipe.seed)
     comps = build_components(recipe, cache=cache)
     model, teachers = comps.model, comps.teachers
@@ -202,6 +256,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
             sum(p.numel() for p in model.student.parameters()) / 1e6,
             ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
         )
+        log.info("intra-op threads per process: %d (%s)", n_threads, threads_from)
         (run_dir / "data.json").write_text(
             json.dumps(
                 {"tiles": len(tiles), "source": tiles.source, "skipped": [str(p) for p in tiles.skipped]}, indent=2
@@ -231,7 +286,7 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
     # --- 4. the loop ----------------------------------------------------------------------------------
     steps, accum, n_global = recipe.schedule.steps, recipe.optim.grad_accum, recipe.data.global_crops.n
     o, sch = recipe.optim, recipe.schedule
-    stop = _StopRequest()
+    stopped_by = 0
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc=recipe.name, unit="step")
     step, micro_i, window_t, window_imgs = start, 0, time.perf_counter(), 0
@@ -300,22 +355,36 @@ def train(recipe: Any, resume: bool | None = None) -> Path:
                 if recipe.train.trackers:
                     acc.log(record, step=step)
                 window_t, window_imgs = time.perf_counter(), 0
-            stop_now = acc.reduce(torch.tensor([1.0 if stop.requested else 0.0], device=acc.device), "sum").item() > 0
-            if step % recipe.train.checkpoint_every == 0 or step == steps or stop_now:
+            stopped_by = _agreed_stop(acc, stop)
+            if step % recipe.train.checkpoint_every == 0 or step == steps or stopped_by:
                 _checkpoint(acc, run_dir, step, unwrapped, ema, optimizer, digest, micro * world * accum, strategy)
-            if stop_now:
-                log.warning("stop requested: checkpoint written at step %d; re-run the same command to resume", step)
+            if stopped_by:
+                log.warning(
+                    "%sstop requested (%s): checkpoint written at step %d of %d; re-run the same command to resume",
+                    f"rank {rank}: " if world > 1 else "",
+                    signal.Signals(stopped_by).name,
+                    step,
+                    steps,
+                )
                 break
     finally:
         bar.close()
-        stop.restore()
+        del batches  # shuts the DataLoader workers down now, not when a traceback lets go of this frame
         if file_log is not None:
             logging.getLogger("multiteach").removeHandler(file_log)
             file_log.close()
     _check_ranks_agree(acc, unwrapped, run_dir)
     acc.wait_for_everyone()
     acc.end_training()
+    if stopped_by and step < steps:
+        raise RunInterrupted(stopped_by, step, steps, run_dir)
     return run_dir
+
+
+def _agreed_stop(acc: Accelerator, stop: StopRequest) -> int:
+    """The stop signal any rank received (0: none), the same on every rank, so all stop at one step."""
+    mine = torch.tensor([float(stop.signum or 0)], device=acc.device)
+    return int(acc.gather(mine).max().item())
 
 
 def _check_ranks_agree(acc: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
@@ -451,10 +520,11 @@ def _restore_sharded_optimizer(
     log.warning("%s holds no optimiser state %s can load: AdamW moments restart from zero", last.name, strategy)
 
 
-def finish_process(num_processes: int) -> None:
-    """End a multi-process run cleanly: flush, then leave without the interpreter teardown that makes
-    gloo abort in 10-25% of runs (the launcher would report a failure for a run that finished)."""
+def finish_process(num_processes: int, exit_code: int = 0) -> None:
+    """End a multi-process run cleanly: flush, then leave with ``exit_code`` without the interpreter
+    teardown that makes gloo abort in 10-25% of runs (the launcher would report a failure for a run that
+    finished, or the wrong status for one that stopped on a signal)."""
     sys.stdout.flush()
     sys.stderr.flush()
     if num_processes > 1:
-        os._exit(0)
+        os._exit(exit_code)

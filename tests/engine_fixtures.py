@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +78,38 @@ def cli(*args: str, launcher: tuple[str, ...] = (), timeout: int = 300, **kw) ->
 def torchrun(nproc: int) -> tuple[str, ...]:
     exe = Path(sys.executable).parent / "torchrun"
     return (str(exe), "--standalone", "--nproc_per_node", str(nproc))
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (torchrun's ranks live in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def interrupt(cmd: list[str], run, sig: signal.Signals, log, every_process: bool = False) -> int:
+    """Start ``cmd`` in a session of its own, let it train a few steps, then signal its whole process group
+    (a shell's Ctrl-C, ``kill -- -PGID``) or, with ``every_process``, every process of the job as SLURM does
+    (launcher, ranks and DataLoader workers); return the exit status."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)  # the first metrics line: the loop runs and the DataLoader workers are up
+        assert proc.poll() is None, Path(log).read_text()[-3000:]
+        if every_process:
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        else:
+            os.killpg(proc.pid, sig)
+        return proc.wait(timeout=240)

@@ -236,12 +236,88 @@ def test_unknown_recipe_suggests_builtin(recipes):
 def test_cli_config(recipes, tmp_path, capsys):
     assert main(["config", "demo", "optim.lr=1e-3", "data.train=tiles"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 1e-3 and printed["data"]["train"] == "tiles" and printed["name"] == "demo"
+    # a relative path on the command line is made absolute against the current folder
+    assert printed["optim"]["lr"] == 1e-3 and printed["data"]["train"] == str(Path.cwd() / "tiles")
+    assert printed["name"] == "demo"
     assert main(["config", "demo", "--validate-only"]) == 0
-    assert capsys.readouterr().out == "OK: demo is valid\n"
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "OK: demo is valid",
+        "  data.train: not set (training needs it, e.g. data.train=/data/tiles)",
+    ]
     assert main(["config", "demo", "optim.lrr=1"]) == 2
     assert "multiteach config: error: override 'optim.lrr=1'" in capsys.readouterr().err
     assert main(["config", "demo", "--copy-to", str(tmp_path / "c.yaml")]) == 0
     assert (tmp_path / "c.yaml").read_text() == DEMO and "wrote" in capsys.readouterr().out
     assert main(["config", "demo", "--copy-to", str(tmp_path / "c.yaml")]) == 2
     assert "already exist" in capsys.readouterr().err
+
+
+PATHS_RECIPE = """\
+name: paths
+data: {train: tiles}
+student: {arch: vit_tiny_patch16_224}
+teachers: {uni: {weights: ../weights/uni}}
+losses:
+  uni.cls: {type: cosine, teacher: uni}
+"""
+
+
+@pytest.fixture
+def two_folders(tmp_path, monkeypatch):
+    """project/recipe.yaml naming relative paths, and another current folder with its own tiles/."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (project / "tiles", tmp_path / "weights" / "uni", elsewhere / "tiles"):
+        folder.mkdir(parents=True)
+    (project / "recipe.yaml").write_text(PATHS_RECIPE)
+    monkeypatch.chdir(elsewhere)
+    return project, elsewhere
+
+
+def test_relative_paths_in_a_recipe_file_resolve_against_its_folder(two_folders):
+    project, elsewhere = two_folders
+    recipe = load_recipe(project / "recipe.yaml")
+    assert recipe.data.train == str(project / "tiles")  # not elsewhere/tiles, the current folder's
+    assert recipe.teachers["uni"].weights == str(project.parent / "weights" / "uni")
+    assert config.path_rule(recipe, "data.train") == (
+        f"'tiles' in {project / 'recipe.yaml'}, relative to its folder {project}"
+    )
+    lines = config.check_paths(recipe)
+    assert lines[0].startswith(f"data.train: {project / 'tiles'} (folder, exists; 'tiles' in ")
+    assert lines[1].startswith(f"teachers.uni.weights: {project.parent / 'weights' / 'uni'} (folder, exists")
+
+
+def test_relative_paths_on_the_command_line_resolve_against_the_current_folder(two_folders):
+    project, elsewhere = two_folders
+    recipe = load_recipe(project / "recipe.yaml", ["data.train=[tiles, /abs/list.txt]"])
+    assert recipe.data.train == [str(elsewhere / "tiles"), "/abs/list.txt"]
+    assert config.path_rule(recipe, "data.train[0]") == (
+        f"'tiles' from the command line (data.train=[tiles, /abs/list.txt]), relative to the current folder {elsewhere}"
+    )
+    assert config.path_rule(recipe, "teachers.uni.weights").endswith(f"relative to its folder {project}")
+    with pytest.raises(MultiteachError) as err:  # the second entry does not exist
+        config.check_paths(recipe)
+    assert str(err.value) == (
+        "data.train[1]: /abs/list.txt does not exist (absolute, from the command line "
+        "(data.train=[tiles, /abs/list.txt])); expected a tile folder or a list file there"
+    )
+
+
+def test_validate_only_checks_data_and_weights_paths_without_building(two_folders, capsys, monkeypatch):
+    import timm
+
+    project, elsewhere = two_folders
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("--validate-only built a model"))
+    recipe = str(project / "recipe.yaml")
+    assert main(["config", recipe, "--validate-only"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "OK: paths is valid" and out[1].startswith(f"  data.train: {project / 'tiles'} (folder, exists")
+    (project / "recipe.yaml").write_text(PATHS_RECIPE.replace("train: tiles", "train: tilez"))
+    assert main(["config", recipe, "--validate-only"]) == 2
+    assert capsys.readouterr().err == (
+        f"multiteach config: error: data.train: {project / 'tilez'} does not exist ('tilez' in {recipe}, relative "
+        f"to its folder {project}); expected a tile folder or a list file there\n"
+    )
+    assert main(["config", recipe, "data.train=tiles", "teachers.uni.weights=w", "--validate-only"]) == 2
+    assert f"teachers.uni.weights: {elsewhere / 'w'} does not exist ('w' from the command line" in (
+        capsys.readouterr().err
+    )

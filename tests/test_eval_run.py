@@ -122,12 +122,25 @@ def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path):
 
     fid = result["fidelity"]
     assert set(fid) == {"run"}  # teachers have no heads to measure
-    assert set(fid["run"]) == {"uni"} and set(fid["run"]["uni"]) == {"summary_cosine", "patch_cosine"}
+    assert set(fid["run"]) == {"uni"} and set(fid["run"]["uni"]) == FIDELITY_KEYS
     for value in fid["run"]["uni"].values():
         assert -1.0 <= value <= 1.0
-    assert result["metrics"]["run"]["fidelity_uni_summary"] == fid["run"]["uni"]["summary_cosine"]
+    # the table shows the centred measures, which a constant teacher cannot pass
+    assert result["metrics"]["run"]["fidelity_uni_summary"] == fid["run"]["uni"]["summary_centred_cosine"]
+    assert result["metrics"]["run"]["fidelity_uni_cka"] == fid["run"]["uni"]["summary_cka"]
     md = (out / "results.md").read_text()
     assert "fidelity_uni_patch" in md and "| uni |" in md and "Matched cosine per perturbation" in md
+
+
+FIDELITY_KEYS = {
+    "summary_cosine",
+    "summary_centred_cosine",
+    "summary_cka",
+    "summary_teacher_spread",
+    "patch_cosine",
+    "patch_centred_cosine",
+    "patch_teacher_spread",
+}
 
 
 def test_fidelity_matches_the_training_loss(tiny):
@@ -148,7 +161,7 @@ def test_fidelity_matches_the_training_loss(tiny):
     assert fid["uni"]["summary_cosine"] == pytest.approx(1.0 - term_value, abs=1e-5)
     assert fid["uni"]["patch_cosine"] == pytest.approx(patch_cos, abs=1e-5)
     ema = teacher_fidelity(tiny["run"], sorted(tiny["tiles"].glob("*.png"))[:6])  # EMA heads, teacher from recipe
-    assert set(ema["uni"]) == {"summary_cosine", "patch_cosine"}
+    assert set(ema["uni"]) == FIDELITY_KEYS
 
     # A teacher at 96 px has a 6 x 6 grid; as in training (resample_to: student) it is resampled to 4 x 4.
     big = build_teacher("uni", weights=str(tiny["uni"]), input_size=96)

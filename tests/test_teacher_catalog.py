@@ -69,7 +69,8 @@ def test_token_layout_on_meta(name, prefix, grid, patch_dim, summary_dim):
 def test_every_catalog_entry_builds_on_meta():
     for name in CATALOG:
         model = teacher_architecture(name)
-        assert n_params(model) > 50e6, name
+        # the foundation models are large; multiteach-tiny, shipped inside the package, is a ViT-Ti (5.5M)
+        assert n_params(model) > (5e6 if name == "multiteach-tiny" else 50e6), name
         assert all(p.is_meta for p in model.parameters())
 
 

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from multiteach.checkpoint import latest_checkpoint, save_checkpoint
+from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
 from multiteach.train import train
 
-from .engine_fixtures import ENV, REPO, cli, recipe_yaml, torchrun, write_tiles
+from .engine_fixtures import ENV, REPO, cli, interrupt, recipe_yaml, torchrun, write_tiles
 
 
 def final_weights(run_dir, step):
@@ -70,19 +71,87 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     assert max_diff(final_weights(tmp_path / "ref", 40), final_weights(run, 40)) == 0.0
 
 
-def test_sigterm_checkpoints_then_rerun_finishes(tmp_path):
-    recipe = recipe_yaml(tmp_path, steps=400, checkpoint_every=200)
-    run = tmp_path / "term"
-    cmd = [sys.executable, "-m", "multiteach", "train", str(recipe), f"output_dir={run}"]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    ckpt = latest_checkpoint(run)
-    assert ckpt is not None and 0 < int(ckpt.name[5:]) < 400, err[-2000:]
-    assert "stop requested" in err
+SIGNAL_STEPS = 16  # checkpoint_every too: the only checkpoint before the end is the stop checkpoint
+WORKERS = ["data.num_workers=1"]  # SLURM / kill -- -PGID signal the DataLoader workers as well
+
+
+def stop_checkpoint(run, sig: signal.Signals, err: str) -> int:
+    """The step of the one checkpoint an interrupted run wrote, checked against what it logged."""
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(steps) == 1, steps
+    step = int(steps[0].removeprefix("step_"))
+    assert 0 < step < SIGNAL_STEPS
+    assert f"stop requested ({sig.name}): checkpoint written at step {step} of {SIGNAL_STEPS}" in err, err[-3000:]
+    return step
+
+
+@pytest.fixture(scope="module")
+def signal_recipe(tmp_path_factory):
+    """The recipe the signal tests interrupt and its uninterrupted 1-process run (exit status 0)."""
+    root = tmp_path_factory.mktemp("signals")
+    recipe = recipe_yaml(root, steps=SIGNAL_STEPS, checkpoint_every=SIGNAL_STEPS)
+    ref = cli("train", str(recipe), f"output_dir={root}/ref", *WORKERS)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return recipe, root / "ref"
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_to_the_process_group_checkpoints_the_step_and_resumes_bit_identically(
+    signal_recipe, tmp_path, sig, status, capsys
+):
+    recipe, ref = signal_recipe
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "multiteach", "train", str(recipe), f"output_dir={run}", *WORKERS]
+    assert interrupt(cmd, run, sig, tmp_path / "err.txt") == status
+    err = (tmp_path / "err.txt").read_text()
+    assert "DataLoader worker" not in err
+    step = stop_checkpoint(run, sig, err)
+    assert f"stopped by {sig.name} at step {step} of {SIGNAL_STEPS}" in err and f"(exit status {status})" in err
+    if sig == signal.SIGTERM:  # an unfinished run is not exported by mistake (`train && export`)
+        assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 2
+        assert f"is incomplete: its last checkpoint is at step {step} of {SIGNAL_STEPS}" in capsys.readouterr().err
+        assert main(["export", str(run), "--out", str(tmp_path / "x"), "--allow-incomplete"]) == 0
+        title = (tmp_path / "x" / "README.md").read_text().split("\n# ", 1)[1].splitlines()[0]
+        assert title == f"tiny (incomplete: {step} of {SIGNAL_STEPS} steps)"
+    again = cli("train", str(recipe), f"output_dir={run}", *WORKERS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {step})" in again.stderr and "resuming from" in again.stderr
+    assert max_diff(final_weights(ref, SIGNAL_STEPS), final_weights(run, SIGNAL_STEPS)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(signal_recipe):
+    """The uninterrupted 2-process run of the signal recipe."""
+    recipe, ref = signal_recipe
+    two = ref.parent / "ref2"
+    done = cli("train", str(recipe), f"output_dir={two}", *WORKERS, launcher=torchrun(2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return two
+
+
+@pytest.mark.parametrize(
+    "sig, status, every_process",
+    [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)],
+    ids=["SIGTERM-to-every-process-as-SLURM", "SIGINT-to-torchrun-as-Ctrl-C"],
+)
+def test_torchrun_ranks_stop_at_one_step_and_resume_bit_identically(
+    signal_recipe, torchrun_reference, tmp_path, sig, status, every_process
+):
+    recipe, _ = signal_recipe
+    run = tmp_path / "run"
+    cmd = [*torchrun(2), "-m", "multiteach", "train", str(recipe), f"output_dir={run}", *WORKERS]
+    # torchrun itself exits 1 when it was signalled (its SignalException); each rank exits 128 + signal
+    assert interrupt(cmd, run, sig, tmp_path / "err.txt", every_process) != 0
+    err = (tmp_path / "err.txt").read_text()
+    assert "DataLoader worker" not in err
+    step = stop_checkpoint(run, sig, f"{err}".replace("rank 1: ", "").replace("rank 0: ", ""))
+    for rank in (0, 1):
+        assert f"rank {rank}: stop requested ({sig.name}): checkpoint written at step {step} of" in err
+    assert err.count(f"stopped by {sig.name} at step {step} of {SIGNAL_STEPS}") == 2  # both ranks, one step
+    assert err.count(f"(exit status {status})") == 2
+    again = cli("train", str(recipe), f"output_dir={run}", *WORKERS, launcher=torchrun(2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max_diff(final_weights(torchrun_reference, SIGNAL_STEPS), final_weights(run, SIGNAL_STEPS)) == 0.0
 
 
 def test_half_written_checkpoints_are_never_picked_up(tmp_path, monkeypatch):

@@ -26,9 +26,9 @@ def main(out: Path) -> None:
             "demo",
             *sets,
             "--grid",
-            "losses.uni.patch.weight=0,0.5",  # patch term off / on
+            "losses.tiny.patch.weight=0,0.5",  # patch term off / on
             "--grid",
-            "losses.uni.cls.type=cosine,smooth_l1",  # distance type of the summary term
+            "losses.tiny.cls.type=cosine,smooth_l1",  # distance type of the summary term
             "--out",
             str(out / "sweep"),
         ],

@@ -62,6 +62,8 @@ def main() -> None:
     if args.curve:
         shutil.copyfile(args.curve, out / "curve.csv")
     write_digests(out)
+    for f in out.iterdir():
+        f.chmod(0o644)  # package data: readable by everyone (temp files are created 0600)
     print(f"shipped {ckpt} -> {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
 
 

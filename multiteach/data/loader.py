@@ -5,6 +5,7 @@ each therefore see exactly the same crops, masks and order, and a resumed run re
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,19 @@ class SeededMultiCrop(Dataset):
                 n_global, self.mask_grid, self.masking["probability"], tuple(self.masking["ratio"]), generator=g
             )
         return out
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the training DataLoader: leave SIGINT/SIGTERM to the main process, one thread.
+
+    SLURM, ``kill -- -PGID`` and torchrun signal every process of a job, DataLoader workers included. A
+    worker killed by SIGTERM makes the main process fail with "DataLoader worker ... is killed by signal"
+    before it can write its stop checkpoint; ignoring the signals here lets the main process finish the
+    step, checkpoint, and shut the workers down itself (they also exit when the main process dies).
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

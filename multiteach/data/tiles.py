@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.errors import MultiteachError, did_you_mean, missing_path
 
 logger = logging.getLogger("multiteach.data")
 
@@ -56,7 +56,7 @@ def find_images(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_
     root = Path(root).expanduser()
     exts = _normalise_extensions(extensions)
     if not root.exists():
-        raise MultiteachError(f"Image folder {str(root)!r} does not exist.")
+        raise missing_path("Image folder", root)
     if not root.is_dir():
         raise MultiteachError(f"Image folder {str(root)!r} is not a folder.")
     found: list[Path] = []

@@ -18,6 +18,10 @@ For each model (a run directory, an exported student or a teacher; see
 ``results.json`` (everything), ``results.md`` (tables) and, for more than one model,
 ``comparison.png`` are written atomically to the output folder.
 
+Unreadable images (truncated, not an image, empty) are found before any model is loaded, skipped like
+``multiteach train`` skips them, and counted and listed in both files (``protocol.skipped``); with
+``strict=True`` (``--strict``) they fail the evaluation instead, all listed in one error.
+
 Groups: with ``groups="auto"`` a ``labels.csv`` in the data folder (columns ``file`` or ``path``,
 relative to the folder, and one of :data:`GROUP_COLUMNS`, e.g. ``group`` = ``slide_507``) gives
 each image its group when every image has one; otherwise the evaluation is not group-aware and
@@ -39,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from multiteach.data.tiles import find_images, labelled_folder
-from multiteach.errors import MultiteachError, did_you_mean
+from multiteach.data.tiles import IMAGE_ERRORS, find_images, labelled_folder, verify_image
+from multiteach.errors import MultiteachError, did_you_mean, missing_path
 from multiteach.eval.embed import embed_folder, load_images, model_kind, resolve_model
 from multiteach.eval.knn import knn_cv, knn_eval
 from multiteach.eval.linear import linear_probe, linear_probe_cv
@@ -160,8 +164,10 @@ def load_labelled(root: str | os.PathLike[str], groups: str | None = "auto") -> 
             that is not in the training set, or an explicit groups column that does not cover the images.
     """
     root = Path(root).expanduser()
+    if not root.exists():
+        raise missing_path("labelled data folder", root, expected="<class>/ or train/ + test/ sub-folders")
     if not root.is_dir():
-        raise MultiteachError(f"labelled data folder {str(root)!r} does not exist or is not a folder")
+        raise MultiteachError(f"labelled data folder {root.resolve()} is a file, not a folder of <class>/ sub-folders")
     split = (root / "train").is_dir() and (root / "test").is_dir()
     if split:
         train_paths, train_y, train_names = labelled_folder(root / "train")
@@ -189,6 +195,43 @@ def load_labelled(root: str | os.PathLike[str], groups: str | None = "auto") -> 
         n = len(data.train_paths)
         data.train_groups, data.test_groups = all_groups[:n], (all_groups[n:] if split else None)
     return data
+
+
+def unreadable_images(paths: Sequence[Path]) -> dict[Path, str]:
+    """The images among ``paths`` that cannot be decoded (truncated, not an image, empty): path -> reason."""
+    bad: dict[Path, str] = {}
+    for path in paths:
+        try:
+            verify_image(path)
+        except IMAGE_ERRORS as err:
+            bad[Path(path)] = f"{type(err).__name__}: {err}"
+    return bad
+
+
+def drop_images(data: LabelledSet, bad: Mapping[Path, str]) -> None:
+    """Remove ``bad`` images, with their labels and groups, from ``data`` in place.
+
+    Raises:
+        MultiteachError: When a class is left without a (training) image.
+    """
+    if not bad:
+        return
+
+    def keep(paths: list[Path], labels: np.ndarray, groups: np.ndarray | None) -> tuple:
+        idx = np.asarray([i for i, p in enumerate(paths) if p not in bad], dtype=np.int64)
+        return [paths[i] for i in idx], labels[idx], None if groups is None else groups[idx]
+
+    data.train_paths, data.train_labels, data.train_groups = keep(
+        data.train_paths, data.train_labels, data.train_groups
+    )
+    data.test_paths, data.test_labels, data.test_groups = keep(data.test_paths, data.test_labels, data.test_groups)
+    empty = [c for i, c in enumerate(data.class_names) if not (data.train_labels == i).any()]
+    if empty:
+        where = f"{data.root}/train" if data.split else str(data.root)
+        raise MultiteachError(
+            f"class(es) {', '.join(empty)} of {where} have no readable image left after skipping {len(bad)} "
+            f"unreadable file(s): {', '.join(str(p) for p in bad)}"
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -284,6 +327,7 @@ def evaluate(
     with_fidelity: bool = True,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
+    strict: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate models on a labelled folder and write ``results.json``, ``results.md`` (and ``comparison.png``).
@@ -314,6 +358,7 @@ def evaluate(
         with_fidelity: Measure fidelity for run directories.
         device: Where models run.
         dtype: ``float32`` or ``bfloat16``.
+        strict: Fail on unreadable images (all of them named) instead of skipping and listing them.
         progress: Called with one line per step (the CLI prints them).
 
     Returns:
@@ -325,7 +370,7 @@ def evaluate(
 
     Raises:
         MultiteachError: Before any model is loaded, for an unknown model, a bad data or robustness
-            folder (single class, no images), or bad options.
+            folder (single class, no images), unreadable images with ``strict``, or bad options.
     """
     say = progress or (lambda line: log.info("%s", line))
     specs = [str(m) for m in models]
@@ -341,13 +386,28 @@ def evaluate(
     names = _display_names(specs, kinds)
     per_weights = _weights_for(specs, kinds, weights)
     labelled = load_labelled(data, groups)
+    skipped = {"data": unreadable_images(labelled.all_paths), "robustness": {}}
     rob_paths: list[Path] = []
     if robustness_images is not None:
         if int(max_images) < 2:
             raise MultiteachError(f"robustness needs max_images >= 2, got {max_images}")
         rob_paths = _subset(find_images(robustness_images), int(max_images), seed)
-        if len(rob_paths) < 2:
-            raise MultiteachError(f"robustness needs at least 2 images; {robustness_images} has {len(rob_paths)}")
+        skipped["robustness"] = unreadable_images(rob_paths)
+        rob_paths = [p for p in rob_paths if p not in skipped["robustness"]]
+    n_bad = sum(len(v) for v in skipped.values())
+    if strict and n_bad:
+        listing = "; ".join(f"{p} ({why})" for found in skipped.values() for p, why in found.items())
+        raise MultiteachError(
+            f"{n_bad} unreadable image(s) (strict: nothing evaluated; without --strict they are skipped): {listing}"
+        )
+    drop_images(labelled, skipped["data"])
+    for p, why in (item for found in skipped.values() for item in found.items()):
+        say(f"skipping unreadable image {p} ({why})")
+    if robustness_images is not None and len(rob_paths) < 2:
+        raise MultiteachError(
+            f"robustness needs at least 2 readable images; {robustness_images} has {len(rob_paths)} "
+            f"(of {len(rob_paths) + len(skipped['robustness'])} chosen, max_images={max_images})"
+        )
     overlap = labelled.groups_overlap()
     if overlap:
         log.warning("%d group(s) occur in both train and test of %s: the split is not group-disjoint", overlap, data)
@@ -464,6 +524,10 @@ def evaluate(
             "perturbations": list(suite),
         },
         "fidelity_images": len(fid_paths) if fidelity_out else 0,
+        "skipped": {
+            where: [{"path": str(p), "reason": why} for p, why in found.items()] for where, found in skipped.items()
+        },
+        "n_skipped": n_bad,
     }
     result = {
         "protocol": protocol,
@@ -520,6 +584,13 @@ def _markdown(result: Mapping[str, Any], table: Mapping[str, Mapping[str, Any]],
             "- fidelity: centred cosine (teacher mean removed) and linear CKA of projected student features "
             f"to the teacher's, {p['fidelity_images']} images"
         )
+    if p.get("n_skipped"):
+        lines.append(f"- skipped {p['n_skipped']} unreadable image(s), not scored (`--strict` fails instead):")
+        lines += [
+            f"  - {where}: `{item['path']}` ({item['reason']})"
+            for where in p["skipped"]
+            for item in p["skipped"][where]
+        ]
     lines += ["", to_markdown(table).rstrip("\n")]
     if robustness:
         perts = list(next(iter(robustness.values())))

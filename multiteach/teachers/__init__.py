@@ -21,7 +21,7 @@ from torch import nn
 
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.hardware import resolve_dtype
-from multiteach.teachers import conch, hf_vit, open_clip_tower, timm_vit
+from multiteach.teachers import conch, conch_v15, hf_vit, open_clip_tower, timm_vit
 from multiteach.teachers.base import Teacher, TeacherOutput, TeacherSpec, TokenBackbone
 from multiteach.teachers.catalog import CATALOG
 from multiteach.teachers.shipped import is_shipped, verify_shipped
@@ -30,6 +30,7 @@ LOADERS: dict[str, ModuleType] = {
     "timm": timm_vit,
     "transformers": hf_vit,
     "conch": conch,
+    "conch_v15": conch_v15,
     "open_clip": open_clip_tower,
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

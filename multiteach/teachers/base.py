@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from multiteach.errors import MultiteachError
+from multiteach.teachers.licences import licence_terms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-Loader = Literal["timm", "transformers", "conch", "open_clip"]
+Loader = Literal["timm", "transformers", "conch", "conch_v15", "open_clip"]
 Embedding = Literal["cls", "cls+mean", "pooled"]
 
 
@@ -34,7 +35,8 @@ class TeacherSpec:
 
     Attributes:
         name: Catalog key (e.g. ``"uni"``) or the generic source string.
-        loader: Loader family that builds it: ``timm``, ``transformers``, ``conch`` or ``open_clip``.
+        loader: Loader family that builds it: ``timm``, ``transformers``, ``conch``, ``conch_v15`` or
+            ``open_clip``.
         hub_id: Hugging Face repo id (``ORG/NAME``) holding the weights, or ``None``.
         arch: Architecture name for the loader (timm model name, transformers class, CONCH config).
         model_kwargs: Architecture kwargs. Non-JSON values are written as names the loader resolves
@@ -48,10 +50,12 @@ class TeacherSpec:
         std: Per-channel normalisation std (RGB).
         embedding: How the tile embedding is formed: ``cls``, ``cls+mean`` (CLS || mean of patch
             tokens) or ``pooled`` (the model's own pooling/projection).
-        license: Licence of the weights.
+        license: Licence of the weights, a key of :data:`multiteach.teachers.licences.LICENCES` for catalog
+            entries (any other string counts as unknown).
         gated: Whether the Hub repo requires accepting terms and logging in.
-        noncommercial_derivatives: Whether models trained on this teacher's outputs are barred
-            from commercial use (UNI, UNI2, CONCH, H0-mini, ...).
+        noncommercial_derivatives: Whether models trained on this teacher's outputs are barred from commercial
+            use. Derived from the licence (any non-commercial or no-derivatives licence sets it); an entry may
+            only make it stricter, never contradict its licence.
         interpolation: Resize filter used for preprocessing (``bicubic`` or ``bilinear``).
         weights: Local file or folder that replaces the Hub download (the recipe's ``weights:``).
         hub_filename: Weights file name in the Hub repo when it is not ``model.safetensors`` or
@@ -60,7 +64,18 @@ class TeacherSpec:
         weights_format: Key layout of the weights: ``native`` for the loader's own, ``dinov2``
             for original DINOv2 checkpoints that timm must convert.
         url: Model card address.
-        notes: Anything a user should know (uncertain facts are marked here).
+        notes: Anything a user should know.
+        revision: Hub commit the entry was checked against; downloads are pinned to it when set.
+        remote_code: Whether loading the Hub weights executes model code from the repo (``auto_map``).
+        trust_remote_code: The user's opt-in to run that code (recipe ``trust_remote_code: true`` or
+            ``--trust-remote-code``); never set by the catalog.
+        strip_prefixes: Key prefixes the public loading code strips (GPFM's ``backbone.``), applied to keys
+            that carry them; anything else must match the architecture exactly.
+        verified_against: Public references the facts were checked against (``owner/repo@commit:path`` or a
+            model-card quote).
+        checked: Which facts those references confirm (architecture kwargs, token layout, embedding rule,
+            preprocessing, key layout, licence, gating).
+        unverified: Facts that could not be checked, each ``fact: reason``.
     """
 
     name: str
@@ -78,7 +93,7 @@ class TeacherSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     license: str = "unknown"
     gated: bool = False
-    noncommercial_derivatives: bool = False
+    noncommercial_derivatives: bool | None = None
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     weights: str | None = None
     weights_format: Literal["native", "dinov2"] = "native"
@@ -86,11 +101,27 @@ class TeacherSpec:
     patch_tokens: bool = True
     url: str | None = None
     notes: str = ""
+    revision: str | None = None
+    remote_code: bool = False
+    trust_remote_code: bool = False
+    strip_prefixes: tuple[str, ...] = ()
+    verified_against: tuple[str, ...] = ()
+    checked: tuple[str, ...] = ()
+    unverified: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.summary_dim is None:
             dim = 2 * self.embed_dim if self.embedding == "cls+mean" else self.embed_dim
             object.__setattr__(self, "summary_dim", dim)
+        terms = licence_terms(self.license)
+        derived = bool(terms and terms.restricts_student)
+        if self.noncommercial_derivatives is None:
+            object.__setattr__(self, "noncommercial_derivatives", derived)
+        elif derived and not self.noncommercial_derivatives:
+            raise MultiteachError(
+                f"teacher {self.name!r}: licence {self.license!r} restricts students ({terms.reason}), "
+                "so noncommercial_derivatives cannot be False"
+            )
 
     @property
     def weight_files(self) -> tuple[str, ...]:

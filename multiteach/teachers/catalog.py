@@ -1,14 +1,19 @@
-"""The named teachers: one short entry per model, facts taken from its model card.
+"""The named teachers: one short entry per model, facts taken from its model card and public loading code.
 
-Facts marked "[unverified]" in ``notes`` could not be checked against the public card or code.
-Parameter counts are not written here: ``multiteach teachers`` computes them from the architecture
-on the meta device, and the tests compare them with the published figures.
+Each entry records what it was checked against (``verified_against``: ``owner/repo@commit:path`` of the
+public code read, or a quote of the Hub card), which facts those references confirm (``checked``) and,
+in ``unverified``, every fact that could not be checked with the reason. Licences are keys of
+:data:`multiteach.teachers.licences.LICENCES`, from which the non-commercial flag, the README table and the
+model card's licence text are derived. Parameter counts are not written here: ``multiteach teachers``
+computes them from the architecture on the meta device, and the tests compare them with the published
+figures.
 """
 
 from __future__ import annotations
 
 from multiteach.registry import Registry
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TeacherSpec
+from multiteach.teachers.licences import APACHE, CC_BY_NC_ND
 from multiteach.teachers.shipped import shipped_dir
 
 CATALOG: Registry[TeacherSpec] = Registry("teacher")
@@ -18,7 +23,21 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 HIBOU_MEAN = (0.7068, 0.5755, 0.722)
 HIBOU_STD = (0.195, 0.2316, 0.1816)
 SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
-NC_ND = "CC-BY-NC-ND-4.0"
+
+# Public references read for the entries (facts carry over, no code does).
+TRIDENT = "mahmoodlab/TRIDENT@a91fa8490e02:trident/patch_encoder_models/load.py"
+TRIDENT_CONSTANTS = "mahmoodlab/TRIDENT@a91fa8490e02:trident/patch_encoder_models/utils/constants.py"
+TRIDENT_CONCH15 = "mahmoodlab/TRIDENT@a91fa8490e02:trident/patch_encoder_models/model_zoo/conchv1_5/conchv1_5.py"
+PLISM = "owkin/plism-benchmark@b4f32b7c233e:plismbench/models/{}.py"
+UNI_README = "mahmoodlab/UNI@42715efc1172:README.md"
+CONCH = "mahmoodlab/CONCH@141cc09c7d4f:{}"
+GIGAPATH = "prov-gigapath/prov-gigapath@09d8e876afb9:{}"
+KAIKO = "kaiko-ai/towards_large_pathology_fms@bfcde171e200:{}"
+HIBOU = "HistAI/hibou@c453bbe4dab0:{}"
+GPFM = "birkhoffkiki/GPFM@4f8be2b1f163:{}"
+# What a reference can confirm (``TeacherSpec.checked``).
+ARCH, TOKENS, EMBED, PREPROC = "architecture kwargs", "token layout", "embedding rule", "preprocessing"
+KEYS, LICENCE, GATING, REVISION = "checkpoint key layout", "licence", "gating", "revision"
 
 
 def _add(spec: TeacherSpec) -> None:
@@ -35,10 +54,13 @@ _add(
         embed_dim=1024,
         patch_size=16,
         num_prefix_tokens=1,
-        license=NC_ND,
+        interpolation="bilinear",
+        license=CC_BY_NC_ND,
         gated=True,
-        noncommercial_derivatives=True,
         url="https://huggingface.co/MahmoodLab/UNI",
+        verified_against=(UNI_README, TRIDENT, PLISM.format("mahmood_lab")),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
+        notes="Preprocessing on the card: Resize(224) (bilinear) + CenterCrop(224), ImageNet mean/std.",
     )
 )
 _add(
@@ -62,10 +84,12 @@ _add(
         embed_dim=1536,
         patch_size=14,
         num_prefix_tokens=9,
-        license=NC_ND,
+        interpolation="bilinear",
+        license=CC_BY_NC_ND,
         gated=True,
-        noncommercial_derivatives=True,
         url="https://huggingface.co/MahmoodLab/UNI2-h",
+        verified_against=(UNI_README, TRIDENT, PLISM.format("mahmood_lab")),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
     )
 )
 _add(
@@ -82,24 +106,30 @@ _add(
         std=OPENAI_CLIP_STD,
         embedding="pooled",
         summary_dim=512,
-        license=NC_ND,
+        license=CC_BY_NC_ND,
         gated=True,
-        noncommercial_derivatives=True,
         url="https://huggingface.co/MahmoodLab/CONCH",
-        notes="Image tower of a CoCa model; summary = attentional-pool contrastive embedding (512-d, before "
-        "projection), patches = trunk tokens (768-d). Needs the `conch` extra.",
+        verified_against=(
+            CONCH.format("README.md"),
+            CONCH.format("conch/open_clip_custom/model_configs/conch_ViT-B-16.json"),
+            CONCH.format("conch/open_clip_custom/factory.py"),
+            CONCH.format("conch/open_clip_custom/vision_tower.py"),
+            TRIDENT,
+            PLISM.format("mahmood_lab"),
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, KEYS, LICENCE, GATING),
+        notes="Image tower of a CoCa model; summary = encode_image(proj_contrast=False, normalize=False): the "
+        "attentional-pool embedding (512-d) before the contrastive projection; patches = trunk tokens (768-d). "
+        "The Hub file is the full CoCa model: the text side is dropped at load. Needs the `conch` extra.",
     )
 )
 _add(
     TeacherSpec(
         name="conch-v1.5",
-        loader="conch",
+        loader="conch_v15",
         hub_id="MahmoodLab/conchv1_5",
-        arch="conch_ViT-B-16",
-        model_kwargs={
-            "embed_dim": 768,
-            "vision_cfg": {"layers": 24, "width": 1024, "num_heads": 16, "attentional_pool_caption": False},
-        },
+        arch="vit_large_patch16_224",
+        model_kwargs={"img_size": 448, "init_values": 1.0, "pool_dim": 768, "pool_heads": 8, "pool_queries": 1},
         hub_filename="pytorch_model_vision.bin",
         embed_dim=1024,
         patch_size=16,
@@ -107,12 +137,26 @@ _add(
         input_size=448,
         embedding="pooled",
         summary_dim=768,
-        license=NC_ND,
+        interpolation="bilinear",
+        license=CC_BY_NC_ND,
         gated=True,
-        noncommercial_derivatives=True,
         url="https://huggingface.co/MahmoodLab/conchv1_5",
-        notes="[unverified] ViT-L/16 trunk + 1-query attentional pooler -> 768 (TRIDENT); that the checkpoint's "
-        "keys match CONCH's VisualModel layout is assumed, a mismatch is reported key by key at load.",
+        verified_against=(
+            TRIDENT_CONCH15,
+            TRIDENT,
+            PLISM.format("mahmood_lab"),
+            "huggingface.co/MahmoodLab/conchv1_5 README (card quote): 'license: cc-by-nc-nd-4.0'; gated; "
+            "'models trained on outputs from the CONCHv1_5 model' may not be used commercially",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, KEYS, LICENCE, GATING),
+        unverified=(
+            "trunk.pos_embed grid in pytorch_model_vision.bin: TRIDENT resamples whatever grid the file holds to "
+            "its 224-px model and interpolates to 448 px at run time, so public code does not reveal it; this "
+            "loader resamples any square grid to the 448-px model once at load (outputs differ from TRIDENT's "
+            "in the last digits)",
+        ),
+        notes="ViT-L/16 trunk with LayerScale + one-query attentional pooler (to_q/to_kv/to_out) + LayerNorm -> "
+        "768-d; not CONCH v1's CoCa layout (no proj_contrast, no text tower). Needs no extra package.",
     )
 )
 _add(
@@ -124,8 +168,16 @@ _add(
         embed_dim=768,
         patch_size=16,
         num_prefix_tokens=1,
+        interpolation="bilinear",
         license="Owkin non-commercial",
         url="https://huggingface.co/owkin/phikon",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("owkin"),
+            "huggingface.co/owkin/phikon@ce090f5c6efa README (card quote): 'License: Owkin non-commercial "
+            "license'; no access gate",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
     )
 )
 _add(
@@ -144,8 +196,20 @@ _add(
         embed_dim=1024,
         patch_size=16,
         num_prefix_tokens=1,
+        interpolation="bilinear",
         license="Owkin non-commercial",
         url="https://huggingface.co/owkin/phikon-v2",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("owkin"),
+            "huggingface.co/owkin/phikon-v2@419e8285b80e README (card quote): 'ViT-L/16 via DINOv2'; "
+            "'License: Owkin non-commercial licence'; no access gate",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
+        unverified=(
+            "config.json details (image_size 224, MLP FFN): the Hub config is not quoted in any public source read "
+            "here; transformers loads it itself, so only the meta parameter count and the doctor rely on them",
+        ),
     )
 )
 _HOPT = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.33334, **SWIGLU, "no_embed_class": True}
@@ -161,8 +225,16 @@ _add(
         num_prefix_tokens=5,
         mean=HOPTIMUS_MEAN,
         std=HOPTIMUS_STD,
-        license="Apache-2.0",
+        interpolation="bilinear",
+        license=APACHE,
         url="https://huggingface.co/bioptimus/H-optimus-0",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("bioptimus"),
+            "huggingface.co/bioptimus/H-optimus-0@d7e1f8884c29 README (card quote): 'license: apache-2.0'; no "
+            "access gate",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
         notes="Native 224 px at 0.5 um/px.",
     )
 )
@@ -178,9 +250,20 @@ _add(
         num_prefix_tokens=5,
         mean=HOPTIMUS_MEAN,
         std=HOPTIMUS_STD,
-        license="see model card (not checked)",
+        interpolation="bilinear",
+        license="Bioptimus academic-research terms",
         gated=True,
         url="https://huggingface.co/bioptimus/H-optimus-1",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("bioptimus"),
+            "huggingface.co/bioptimus/H-optimus-1 discussions #21: access requests pending review (gated)",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, GATING),
+        unverified=(
+            "licence: the gated card's licence text is not readable here; Bioptimus's announcement says the model "
+            "'can be accessed for academic research purposes', so students are marked non-commercial to be safe",
+        ),
     )
 )
 _add(
@@ -195,12 +278,22 @@ _add(
         num_prefix_tokens=5,
         mean=HOPTIMUS_MEAN,
         std=HOPTIMUS_STD,
-        license=NC_ND,
+        license=CC_BY_NC_ND,
         gated=True,
-        noncommercial_derivatives=True,
         url="https://huggingface.co/bioptimus/H0-mini",
-        notes="Distilled from H-optimus-0. mlp_ratio 5.33334 inferred from the 85.7M size. Use embedding "
-        "'cls+mean' for the 1536-d variant.",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("bioptimus"),
+            "H0-mini paper (arXiv 2501.16239) Table 4: ViT-B/14, 4 registers, dim 768, 12 layers, 12 heads, MLP "
+            "ratio 4 with SwiGLU (DINOv2 hidden 2048 = timm mlp_ratio 5.33334 packed); 86M parameters",
+            "huggingface.co/bioptimus/H0-mini discussions: access requests (gated)",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, GATING),
+        unverified=(
+            "licence: the gated card is not readable here and no public code quotes it; kept CC-BY-NC-ND-4.0 as "
+            "the project's notes say, which marks students non-commercial (the safe side)",
+        ),
+        notes="Distilled from H-optimus-0. Use embedding 'cls+mean' for the 1536-d variant (TRIDENT's cls+mean).",
     )
 )
 _VIRCHOW = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **SWIGLU}
@@ -218,6 +311,13 @@ _add(
         license="Apache-2.0 with additional terms",
         gated=True,
         url="https://huggingface.co/paige-ai/Virchow",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("paige_ai"),
+            "huggingface.co/paige-ai/Virchow README (card quote): 'released under the Apache License, Version "
+            "2.0' with 'Additional Terms' (institutional email, attribution and responsible-use requests); gated",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
     )
 )
 _add(
@@ -231,9 +331,16 @@ _add(
         patch_size=14,
         num_prefix_tokens=5,
         embedding="cls+mean",
-        license=NC_ND,
+        license=CC_BY_NC_ND,
         gated=True,
         url="https://huggingface.co/paige-ai/Virchow2",
+        verified_against=(
+            TRIDENT,
+            PLISM.format("paige_ai"),
+            "huggingface.co/paige-ai/Virchow2 (card quote): 'released under the CC-BY-NC-ND 4.0 license'; "
+            "'models trained on outputs from the Virchow2 Model' may not be monetised without approval; gated",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
     )
 )
 _add(
@@ -257,10 +364,17 @@ _add(
         license="Apache-2.0 (research use)",
         gated=True,
         url="https://huggingface.co/prov-gigapath/prov-gigapath",
-        notes="The card resizes to 256 and centre-crops 224; multiteach resizes the whole view to 224.",
+        verified_against=(
+            GIGAPATH.format("demo/3_load_tile_encoder.py"),
+            GIGAPATH.format("README.md"),
+            TRIDENT,
+            PLISM.format("microsoft"),
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING),
+        notes="The card resizes to 256 (bicubic) and centre-crops 224; multiteach resizes the whole view to 224.",
     )
 )
-_HIBOU = {"patch_size": 14, "image_size": 224, "num_register_tokens": 4, "trust_remote_code": True}
+_HIBOU = {"patch_size": 14, "image_size": 224, "num_register_tokens": 4, "use_swiglu_ffn": True}
 _add(
     TeacherSpec(
         name="hibou-b",
@@ -273,9 +387,29 @@ _add(
         num_prefix_tokens=5,
         mean=HIBOU_MEAN,
         std=HIBOU_STD,
-        license="see model card (not checked)",
+        license=APACHE,
         url="https://huggingface.co/histai/hibou-b",
-        notes="Loaded with trust_remote_code as on the card; summary = CLS (plismbench), TRIDENT uses pooler_output.",
+        revision="7fdc8cce365ebfd9e7e60ee6ee9a8d4d59388f3c",
+        remote_code=True,
+        verified_against=(
+            "huggingface.co/histai/hibou-b@5cc6343e7d77:config.json (quoted on the Hub): auto_map to "
+            "configuration_dinov2.Dinov2Config / modeling_dinov2.Dinov2ModelWithRegisters, model_type dinov2, "
+            "hidden 768, 12 layers, 12 heads, patch 14, image 224, num_register_tokens 4, use_swiglu_ffn true; "
+            "'License: apache-2.0'; model files unchanged up to 7fdc8cce365e",
+            HIBOU.format("README.md"),
+            HIBOU.format("hibou/models/__init__.py"),
+            TRIDENT,
+            TRIDENT_CONSTANTS,
+            PLISM.format("histai"),
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING, REVISION),
+        unverified=(
+            "state-dict key names: the Hub's modeling_dinov2.py is not readable here; the doctor and the meta "
+            "architecture assume transformers' Dinov2WithRegisters names (public code reads "
+            "embeddings.patch_embeddings.projection)",
+        ),
+        notes="Loads with trust_remote_code (opt in per teacher). Summary = CLS after the final LayerNorm, which is "
+        "what plismbench reads and what TRIDENT's pooler_output is for this architecture.",
     )
 )
 _add(
@@ -290,8 +424,23 @@ _add(
         num_prefix_tokens=5,
         mean=HIBOU_MEAN,
         std=HIBOU_STD,
-        license="see model card (not checked)",
+        license=APACHE,
         url="https://huggingface.co/histai/hibou-L",
+        remote_code=True,
+        verified_against=(
+            HIBOU.format("README.md"),
+            HIBOU.format("hibou/models/__init__.py"),
+            TRIDENT,
+            TRIDENT_CONSTANTS,
+            PLISM.format("histai"),
+        ),
+        checked=(TOKENS, EMBED, PREPROC, LICENCE, GATING),
+        unverified=(
+            "Hub revision, config.json and key names: no public record of histai/hibou-L's commits or config was "
+            "found, so no revision is pinned; SwiGLU FFN, 4 registers and the key names are assumed as hibou-b's "
+            "(HistAI's build_model defaults)",
+        ),
+        notes="Loads with trust_remote_code (opt in per teacher).",
     )
 )
 _add(
@@ -306,8 +455,20 @@ _add(
         num_prefix_tokens=1,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        license="see model card (not checked)",
+        interpolation="bilinear",
+        license="Kaiko non-commercial",
         url="https://github.com/kaiko-ai/towards_large_pathology_fms",
+        revision="a4eb74de76274a5f3fe8260841a1b07a90930f43",
+        verified_against=(
+            KAIKO.format("hubconf.py"),
+            KAIKO.format("README.md"),
+            KAIKO.format("LICENSE"),
+            "huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms@a4eb74de7627 "
+            "(tree page): config.json + model.safetensors, 'License: kaiko-non-commercial'; no access gate",
+            TRIDENT,
+            PLISM.format("kaiko_ai"),
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE, GATING, REVISION),
     )
 )
 _add(
@@ -319,14 +480,25 @@ _add(
         model_kwargs={"img_size": 224, "init_values": 1e-5},
         hub_filename="GPFM.pth",
         weights_format="dinov2",
+        strip_prefixes=("backbone.",),
         embed_dim=1024,
         patch_size=14,
         num_prefix_tokens=1,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        license=NC_ND,
+        license=CC_BY_NC_ND,
         url="https://github.com/birkhoffkiki/GPFM",
-        notes="[unverified] GPFM.pth is assumed to hold DINOv2-format keys, converted with timm's dinov2 filter.",
+        verified_against=(
+            GPFM.format("models/dinov2/__init__.py"),
+            GPFM.format("models/dinov2/vision_transformer.py"),
+            GPFM.format("LICENSE"),
+            PLISM.format("hkust"),
+            TRIDENT,
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, KEYS, LICENCE, GATING),
+        notes="Two public layouts load: the GitHub release GPFM.pth ({'teacher': {'backbone.*' DINOv2 keys with "
+        "FSDP block chunks, 'dino_head.*', mask_token}}, as GPFM's and plismbench's loaders read it) and timm keys "
+        "(optionally under 'state_dict', as TRIDENT loads majiabo/GPFM).",
     )
 )
 _add(
@@ -345,6 +517,11 @@ _add(
         license="Apache-2.0",
         weights=str(shipped_dir("multiteach-tiny")),
         url="multiteach/assets/teachers/multiteach-tiny/README.md",
+        verified_against=(
+            "this repository: multiteach/assets/teachers/multiteach-tiny (config.json, model card; trained here by "
+            "the pretrain_tiny recipe; files checked against SHA256SUMS at load)",
+        ),
+        checked=(ARCH, TOKENS, EMBED, PREPROC, LICENCE),
         notes="Shipped inside the package (fp16, no network): a ViT-Ti/16 at 112 px pretrained by multiteach's own "
         "DINO + iBOT + KoLeo recipe (`pretrain_tiny`) on real H&E tiles; the small, real teacher every machine has.",
     )

@@ -24,6 +24,7 @@ from torch import nn
 
 from multiteach.errors import MultiteachError
 from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
+from multiteach.teachers.keycheck import group_keys
 from multiteach.teachers.weights import assign_state_dict, hub_file, hub_weights, local_weights, read_state_dict
 
 
@@ -79,12 +80,39 @@ def architecture(spec: TeacherSpec, device: str = "meta") -> nn.Module:
         return _conch()._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("embed_dim_caption"))
 
 
-def _files(spec: TeacherSpec) -> Path:
+def prepare_state_dict(spec: TeacherSpec, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep the image tower of a CONCH checkpoint, as the loader does before the strict load.
+
+    The Hub's ``pytorch_model.bin`` is the full CoCa model (``visual.*``, ``text.*``, ``text_decoder.*``,
+    ``logit_scale``); conch's own loader builds all of it, multiteach keeps the ``visual.*`` tensors. A
+    vision-only file (keys without ``visual.``) is used as it is.
+
+    Returns:
+        The image-tower state dict and notes on what was dropped.
+    """
+    notes = []
+    for prefix in spec.strip_prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+            notes.append(f"stripped the {prefix!r} prefix")
+    if any(k.startswith("visual.") for k in sd):
+        dropped = [k for k in sd if not k.startswith("visual.")]
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+        if dropped:
+            notes.append(
+                f"kept the image tower (visual.*), dropped {len(dropped)} key(s) of the CoCa text side "
+                f"({', '.join(group_keys(dropped)[:3])}) as designed"
+            )
+    return sd, notes
+
+
+def weights_file(spec: TeacherSpec) -> Path:
+    """The checkpoint for ``spec``: ``weights:`` (file or folder) or the Hub (pinned to ``spec.revision``)."""
     if spec.weights:
         return local_weights(spec.weights, ("pytorch_model.bin", "model.safetensors"))
     if not spec.hub_id:
         raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
-    return hub_weights(spec.hub_id, spec.gated, ("pytorch_model.bin",))
+    return hub_weights(spec.hub_id, spec.gated, ("pytorch_model.bin",), spec.revision)
 
 
 def load(
@@ -93,13 +121,12 @@ def load(
     """Build CONCH's visual tower on meta and assign the ``visual.*`` weights."""
     visual = architecture(spec, device="meta" if pretrained else "cpu")
     if pretrained:
-        path = _files(spec)
+        path = weights_file(spec)
         if spec.hub_id and not spec.weights:
-            hub_file(spec.hub_id, "meta.yaml", spec.gated)  # the repo's own marker file, as conch's loader reads it
-        sd = read_state_dict(path)
-        if any(k.startswith("visual.") for k in sd):  # full CoCa checkpoint: keep the image tower
-            sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-        assign_state_dict(visual, sd, path, dtype)
+            # the repo's own marker file, as conch's loader reads it
+            hub_file(spec.hub_id, "meta.yaml", spec.gated, spec.revision)
+        sd, _ = prepare_state_dict(spec, read_state_dict(path))
+        assign_state_dict(visual, sd, path, dtype, teacher=spec.name)
     else:
         visual = visual.to(dtype)
     visual.eval()

@@ -8,8 +8,9 @@ from typing import Any
 from multiteach.errors import MultiteachError
 from multiteach.teachers.base import TeacherSpec
 from multiteach.teachers.catalog import CATALOG
+from multiteach.teachers.licences import licence_terms
 
-COLUMNS = ("name", "dim", "patch", "tokens@224", "params", "input", "mean/std", "licence", "gated")
+COLUMNS = ("name", "dim", "patch", "tokens@224", "params", "input", "mean/std", "licence", "gated", "students")
 
 
 def _params(spec: TeacherSpec) -> int | None:
@@ -47,8 +48,14 @@ def catalog_rows() -> list[dict[str, Any]]:
                 "std": list(spec.std),
                 "embedding": spec.embedding,
                 "licence": spec.license,
+                "licence_known": licence_terms(spec.license) is not None,
                 "gated": spec.gated,
                 "noncommercial_derivatives": spec.noncommercial_derivatives,
+                "revision": spec.revision,
+                "remote_code": spec.remote_code,
+                "verified_against": list(spec.verified_against),
+                "checked": list(spec.checked),
+                "unverified": [f"[unverified: {fact}]" for fact in spec.unverified],
             }
         )
     return rows
@@ -61,6 +68,8 @@ def _cell(row: dict[str, Any], col: str) -> str:
         return _fmt_stats(CATALOG.get(row["name"]))
     if col == "gated":
         return "yes" if row["gated"] else "no"
+    if col == "students":
+        return "non-commercial" if row["noncommercial_derivatives"] else "—"
     if col == "dim":
         return f"{row['dim']} ({row['embedding']})"
     return str(row[col])
@@ -71,6 +80,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def unverified_facts() -> dict[str, list[str]]:
+    """Catalog entry -> the facts it could not check (``fact: reason``), for entries that have any."""
+    return {name: list(CATALOG.get(name).unverified) for name in CATALOG if CATALOG.get(name).unverified}
 
 
 def render(as_json: bool = False) -> str:

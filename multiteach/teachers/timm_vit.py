@@ -8,6 +8,7 @@ built on the meta device and the weights are assigned, never copied.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
 from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
+from multiteach.teachers.keycheck import group_keys
 from multiteach.teachers.weights import (
     assign_state_dict,
     hub_file,
@@ -71,15 +73,47 @@ def _call_kwargs(spec: TeacherSpec) -> dict[str, Any]:
     return {k: v for k, v in spec.model_kwargs.items() if k in LAYER_NAMES}
 
 
-def _dinov2_to_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Convert an original DINOv2 checkpoint (as GPFM ships) to timm keys."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith(("dino_head", "ibot_head"))}
-    return checkpoint_filter_fn(sd, model)
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
-def _find_files(spec: TeacherSpec) -> tuple[dict[str, Any] | None, Path]:
+def prepare_state_dict(
+    spec: TeacherSpec, sd: dict[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a checkpoint the way the entry's public loading code does, before the strict load.
+
+    * ``strip_prefixes`` (GPFM: ``backbone.``): when keys carry the prefix, keep only those keys, without it
+      (GPFM's own loader keeps the ``backbone`` keys; ``dino_head.*`` and the like are dropped);
+    * ``weights_format: dinov2`` on an original DINOv2 checkpoint (a ``mask_token`` or chunked
+      ``blocks.C.I.`` keys): unchunk the blocks (FSDP ``block_chunks``) and convert with timm's DINOv2
+      filter. Checkpoints already in timm's layout (e.g. the Hub copy TRIDENT loads) pass unchanged.
+
+    Works on meta tensors, so the weights doctor runs the very same steps without reading the weights.
+
+    Returns:
+        The state dict and notes on what was changed.
+    """
+    notes = []
+    for prefix in spec.strip_prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            kept = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+            dropped = [k for k in sd if not k.startswith(prefix)]
+            notes.append(
+                f"kept the {len(kept)} {prefix!r} keys without the prefix"
+                + (f", dropped {len(dropped)} other key(s) ({', '.join(group_keys(dropped)[:3])})" if dropped else "")
+            )
+            sd = kept
+    if spec.weights_format == "dinov2" and ("mask_token" in sd or any(_CHUNKED_BLOCK.match(k) for k in sd)):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if any(_CHUNKED_BLOCK.match(k) for k in sd):
+            sd = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in sd.items()}
+            notes.append("unchunked DINOv2 blocks (blocks.C.I. -> blocks.I.)")
+        sd = checkpoint_filter_fn(dict(sd), model)
+        notes.append("converted the DINOv2 layout with timm's checkpoint filter (mask_token dropped)")
+    return sd, notes
+
+
+def find_files(spec: TeacherSpec) -> tuple[dict[str, Any] | None, Path]:
     """Locate (config, weights file) for ``spec`` from ``weights:`` or the Hub."""
     if spec.weights:
         root = Path(spec.weights).expanduser()
@@ -88,10 +122,10 @@ def _find_files(spec: TeacherSpec) -> tuple[dict[str, Any] | None, Path]:
     if not spec.hub_id:
         raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`; set `weights:`")
     try:
-        config = read_json(hub_file(spec.hub_id, CONFIG_FILE, spec.gated))
+        config = read_json(hub_file(spec.hub_id, CONFIG_FILE, spec.gated, spec.revision))
     except FileNotFoundError:
         config = None
-    return config, hub_weights(spec.hub_id, spec.gated, spec.weight_files)
+    return config, hub_weights(spec.hub_id, spec.gated, spec.weight_files, spec.revision)
 
 
 def resolve_spec_from_config(spec: TeacherSpec, config: dict[str, Any]) -> tuple[str, dict[str, Any], TeacherSpec]:
@@ -131,14 +165,12 @@ def load(
     elif spec.hub_id is None and spec.weights is None and timm.is_model(arch):
         model = _timm_pretrained(arch, kwargs).to(dtype)
     else:
-        config, weights = _find_files(spec)
+        config, weights = find_files(spec)
         if config is not None:
             arch, kwargs, spec = resolve_spec_from_config(spec, config)
         model = create_timm(arch, kwargs)
-        sd = read_state_dict(weights)
-        if spec.weights_format == "dinov2":
-            sd = _dinov2_to_timm(sd, model)
-        assign_state_dict(model, sd, weights, dtype)
+        sd, _ = prepare_state_dict(spec, read_state_dict(weights), model)
+        assign_state_dict(model, sd, weights, dtype, teacher=spec.name)
     model.eval()
     resolved = spec.replace(
         arch=arch,

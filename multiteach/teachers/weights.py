@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from multiteach.errors import MultiteachError
+from multiteach.teachers.keycheck import compare
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
+_WRAPPER_KEYS = ("state_dict", "teacher", "model", "module")
 
 
 def _hub_hint(repo_id: str, gated: bool) -> str:
@@ -37,14 +38,14 @@ def _hub_hint(repo_id: str, gated: bool) -> str:
     )
 
 
-def hub_file(repo_id: str, filename: str, gated: bool = False) -> Path:
-    """Download (or find in the local cache) one file of a Hub repo.
+def hub_file(repo_id: str, filename: str, gated: bool = False, revision: str | None = None) -> Path:
+    """Download (or find in the local cache) one file of a Hub repo, at ``revision`` when it is pinned.
 
     Raises:
         MultiteachError: naming the repo, whether it is gated, and how to fix access.
     """
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
     except GatedRepoError:
         raise MultiteachError(f"cannot access {repo_id}/{filename}: {_hub_hint(repo_id, True)}") from None
     except RepositoryNotFoundError:
@@ -53,19 +54,22 @@ def hub_file(repo_id: str, filename: str, gated: bool = False) -> Path:
         ) from None
     except LocalEntryNotFoundError:
         raise MultiteachError(
-            f"{repo_id}/{filename} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE or no network). {_hub_hint(repo_id, gated)}"
+            f"{repo_id}/{filename}{f' at pinned revision {revision}' if revision else ''} is not in the local "
+            f"Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network). "
+            f"{_hub_hint(repo_id, gated)}"
         ) from None
     except EntryNotFoundError:
         raise FileNotFoundError(f"{repo_id} has no file {filename}") from None
 
 
-def hub_weights(repo_id: str, gated: bool = False, candidates: tuple[str, ...] = WEIGHT_FILES) -> Path:
-    """Return the first weights file among ``candidates`` available for ``repo_id``."""
+def hub_weights(
+    repo_id: str, gated: bool = False, candidates: tuple[str, ...] = WEIGHT_FILES, revision: str | None = None
+) -> Path:
+    """Return the first weights file among ``candidates`` available for ``repo_id`` (at ``revision``)."""
     last: Exception | None = None
     for name in candidates:
         try:
-            return hub_file(repo_id, name, gated)
+            return hub_file(repo_id, name, gated, revision)
         except (FileNotFoundError, MultiteachError) as exc:
             last = exc
     assert last is not None
@@ -95,35 +99,85 @@ def read_json(path: Path) -> dict[str, Any]:
         raise MultiteachError(f"cannot read config {path}: {exc}") from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """Unwrap the dict wrappers public loaders unwrap (``state_dict``: conch, TRIDENT; ``teacher``: GPFM's
+    release; ``model``: CTransPath/DINO), returning the state dict and the wrapper keys taken.
+
+    Key prefixes are not touched: a ``module.`` or ``backbone.`` prefix is either in the catalog entry's
+    ``strip_prefixes`` (the public loader strips it too) or a mismatch the error message explains.
+    """
+    taken: list[str] = []
+    while isinstance(obj, dict) and not _is_state_dict(obj):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        taken.append(key)
+        obj = obj[key]
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        kinds = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, dict) else type(obj).__name__
+        raise MultiteachError(f"{path} does not hold a state dict (top level: {kinds})")
+    return obj, taken
+
+
+def _is_state_dict(obj: dict[str, Any]) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_state_dict(path: str | Path, with_wrappers: bool = False) -> Any:
     """Read a state dict without unpickling arbitrary objects.
 
     ``.safetensors`` is read with safetensors; ``.bin``/``.pth``/``.pt`` with
-    ``torch.load(weights_only=True, mmap=True)``. Common wrappers (``state_dict``, ``model``,
-    ``teacher``) and a DDP ``module.`` prefix are removed.
+    ``torch.load(weights_only=True, mmap=True)``. Dict wrappers are unwrapped (:func:`unwrap_state_dict`).
+
+    Args:
+        path: The weights file.
+        with_wrappers: Also return the wrapper keys that were unwrapped.
+
+    Returns:
+        The state dict, or ``(state dict, wrapper keys)`` with ``with_wrappers``.
+
+    Raises:
+        MultiteachError: naming the file when it cannot be read (truncated, not a checkpoint, pickled code).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        sd: Any = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # unpickling refusals and corrupt archives
-            raise MultiteachError(f"cannot read weights {path}: {exc}") from None
-    while isinstance(sd, dict) and len(sd) == 1 and next(iter(sd)) in _WRAPPER_KEYS:
-        sd = next(iter(sd.values()))
-    for key in _WRAPPER_KEYS[:3]:
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise MultiteachError(f"{path} does not hold a state dict")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
+    try:
+        raw: Any = (
+            load_file(str(path))
+            if path.suffix == ".safetensors"
+            else torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        )
+    except Exception as exc:  # corrupt/truncated archives, unpickling refusals
+        raise MultiteachError(
+            f"cannot read weights {path} ({_size(path)} on disk): {str(exc).splitlines()[0]}. A truncated or "
+            "interrupted download looks like this: download the file again."
+        ) from None
+    sd, taken = unwrap_state_dict(raw, path)
+    return (sd, taken) if with_wrappers else sd
+
+
+def _size(path: Path) -> str:
+    try:
+        return human_bytes(path.stat().st_size)
+    except OSError:
+        return "unreadable"
+
+
+def human_bytes(n: float) -> str:
+    """``1.21 GB``-style size."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
 
 
 def assign_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    teacher: str | None = None,
+    ignore_unexpected: tuple[str, ...] = (),
 ) -> nn.Module:
     """Load ``state_dict`` into a (meta-device) ``model`` by assignment, after checking every key and shape.
 
@@ -134,31 +188,21 @@ def assign_state_dict(
         state_dict: Tensors to adopt (they become the model's parameters, no copy).
         source: File name used in error messages.
         dtype: Floating-point dtype of the loaded parameters.
+        teacher: Teacher name used in error messages.
+        ignore_unexpected: Prefixes of keys dropped on purpose (e.g. a CoCa text tower).
 
     Raises:
-        MultiteachError: listing missing/unexpected keys or shape mismatches.
+        MultiteachError: naming the teacher and file, with missing/unexpected keys grouped by prefix, shape
+            mismatches and the likely cause.
     """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        (k, tuple(t.shape), tuple(state_dict[k].shape))
-        for k, t in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(f"{k} expects {e} but file has {g}" for k, e, g in wrong[:5]))
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
-        raise MultiteachError(
-            f"weights {source} do not fit the architecture: {' | '.join(parts)}. "
-            "Check the teacher's arch/model_kwargs or that `weights:` points at the right model."
-        )
-    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    shapes = {k: tuple(t.shape) for k, t in expected.items()}
+    diff = compare(shapes, {k: tuple(v.shape) for k, v in state_dict.items()}, ignore_unexpected)
+    if not diff.ok:
+        who = f"teacher {teacher!r}: " if teacher else ""
+        check = f" Full report: multiteach teachers --check {teacher} --weights {source}" if teacher else ""
+        raise MultiteachError(f"{who}weights {source} do not fit the architecture: {' | '.join(diff.lines())}.{check}")
+    state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items() if k in expected}
     model.load_state_dict(state_dict, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
