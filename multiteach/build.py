@@ -238,18 +238,20 @@ def check_batch_split(recipe: Any, world_size: int) -> int:
 
 def describe_graph(recipe: Any) -> dict[str, Any]:
     """Build the recipe's full model graph with the real architectures on the meta device (no weights,
-    no memory) and count parameters: student, each loss term's heads, and each teacher a term uses."""
+    no memory) and count parameters: student, each loss term's heads, and each teacher a term uses.
+
+    A teacher is counted as its loader would build it: from the ``config.json`` of its weights folder when
+    there is one (a stand-in's architecture, say), else from the catalog; the heads are built for that
+    teacher's width. ``teacher_architectures`` says per teacher which one was counted, with both when they
+    differ (:func:`teacher_provenance`).
+    """
     import torch
 
-    from multiteach.teachers import resolve_spec, teacher_architecture
-
     losses = dict(recipe.losses)
-    specs, teachers = {}, {}
+    specs, teachers, provenance = {}, {}, {}
     for name in active_teachers(losses):
-        cfg = recipe.teachers[name]
-        overrides = spec_overrides(cfg)
-        specs[name] = resolve_spec(cfg.source, **overrides)
-        teachers[name] = _count(teacher_architecture(cfg.source, **overrides))
+        specs[name], provenance[name] = teacher_provenance(name, recipe.teachers[name])
+        teachers[name] = provenance[name]["params"]
     student = build_student_from(recipe, device="meta")
     with torch.device("meta"):
         loss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
@@ -261,7 +263,86 @@ def describe_graph(recipe: Any) -> dict[str, Any]:
         "projection_heads": _count(loss.heads) if loss.heads is not None else 0,
         "loss_total": _count(loss),
         "teachers": teachers,
+        "teacher_architectures": provenance,
     }
+
+
+def teacher_provenance(name: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """Which architecture a recipe teacher is counted as: its weights folder's ``config.json`` or the catalog's.
+
+    Args:
+        name: The teacher's recipe name.
+        cfg: Its recipe entry (``source``, ``weights``, ``pretrained``, ...).
+
+    Returns:
+        ``(spec, info)``: the spec the heads are built for (with the counted model's width and token layout),
+        and ``{"counted": "weights" | "catalog", "arch", "width", "depth", "params", "catalog": {"arch", "width",
+        "depth", "params"} or None, "weights_config": {"path", "arch", "width", "depth", "params"} or None,
+        "line"}`` where ``line`` says it in words, naming both architectures when they differ.
+
+    Raises:
+        MultiteachError: For a source whose architecture is only known from a config that is not local
+            (``hf-hub:`` without ``weights:``).
+    """
+    from multiteach.teachers import CATALOG, resolve_spec, teacher_architecture, weights_architecture
+
+    overrides = spec_overrides(cfg)
+    spec = resolve_spec(cfg.source, **overrides, **({"weights": cfg.weights} if cfg.weights else {}))
+    own = "the catalog architecture" if cfg.source in CATALOG else f"the architecture {cfg.source!r} names"
+    catalog = None
+    if spec.arch and not spec.arch.startswith(("hf-hub:", "local-dir:")):
+        catalog = _arch_info(spec.arch, teacher_architecture(cfg.source, **overrides))
+    # pretrained: false builds the catalog architecture with random weights; no file is read
+    folder = weights_architecture(spec) if cfg.pretrained else None
+    if cfg.weights:
+        where = "`weights:`"
+    elif cfg.source.startswith("local-dir:"):
+        where = "`source: local-dir:`"
+    else:
+        where = "the catalog's shipped weights"
+    if folder is not None:
+        model, spec, path = folder
+        counted = _arch_info(spec.arch, model)
+        text = f"{name}: counted the architecture of the folder in {where}: {_arch_text(counted)}, from {path}"
+        if catalog is None:
+            line = text
+        elif catalog == counted:
+            line = f"{text}; the same as {own}"
+        else:
+            line = f"{text}; {own} differs: {_arch_text(catalog)}"
+        weights_config = {"path": str(path), **counted}
+        info = {"counted": "weights", **counted, "catalog": catalog, "weights_config": weights_config, "line": line}
+        return spec, info
+    if catalog is None:
+        raise MultiteachError(
+            f"teacher {name!r} ({cfg.source}): its architecture is only known from its config.json; point "
+            "`weights:` at a local folder holding it to count it"
+        )
+    if not cfg.pretrained:
+        why = "pretrained: false builds it with random weights"
+    elif spec.weights and spec.loader in ("timm", "transformers"):
+        why = f"{where} {spec.weights} has no config.json"
+    elif spec.weights:
+        why = f"the {spec.loader} loader builds it for any weights ({where} {spec.weights})"
+    else:
+        why = "no `weights:` folder; the Hub weights are this architecture"
+    line = f"{name}: counted {own}, {_arch_text(catalog)}: {why}"
+    return spec, {"counted": "catalog", **catalog, "catalog": catalog, "weights_config": None, "line": line}
+
+
+def _arch_info(arch: str, model: Any) -> dict[str, Any]:
+    """``{"arch", "width", "depth", "params"}`` of a teacher model (width/depth None when not found)."""
+    config = getattr(model, "config", None)
+    width = getattr(model, "num_features", None) or getattr(config, "hidden_size", None)
+    depth = len(model.blocks) if hasattr(model, "blocks") else getattr(config, "num_hidden_layers", None)
+    return {"arch": arch, "width": width, "depth": depth, "params": _count(model)}
+
+
+def _arch_text(arch: dict[str, Any]) -> str:
+    """``vit_large_patch16_224 (1024-d, 24 blocks, 303.35M params)``."""
+    parts = [f"{arch['width']}-d" if arch["width"] else "", f"{arch['depth']} blocks" if arch["depth"] else ""]
+    parts = [p for p in parts if p] + [f"{arch['params'] / 1e6:.2f}M params"]
+    return f"{arch['arch']} ({', '.join(parts)})"
 
 
 def _count(module: Any) -> int:

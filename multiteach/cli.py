@@ -106,7 +106,10 @@ def _config(p: argparse.ArgumentParser):
     p.add_argument("--copy-to", metavar="PATH", help="copy the built-in recipe (and its _base fragments) to PATH")
     p.add_argument("--overwrite", action="store_true", help="with --copy-to: replace existing files")
     p.add_argument(
-        "--graph", action="store_true", help="build the full model graph on the meta device and print parameter counts"
+        "--graph",
+        action="store_true",
+        help="build the full model graph on the meta device and print parameter counts; per teacher, whether "
+        "the architecture of its weights folder (config.json) or the catalog's was counted",
     )
 
     def run(args: argparse.Namespace) -> int:
@@ -264,6 +267,11 @@ def _export(p: argparse.ArgumentParser):
         action="store_true",
         help="export a run that stopped before schedule.steps (the card's title then says incomplete)",
     )
+    p.add_argument(
+        "--keep-paths",
+        action="store_true",
+        help="keep the local data/weights paths in the exported recipe.yaml (default: <local>/ + the file name)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from multiteach.export import check_repo_id, export_run, format_files, push_to_hub, run_speed
@@ -283,6 +291,7 @@ def _export(p: argparse.ArgumentParser):
             speed=speed,
             repo_id=args.push,
             allow_incomplete=args.allow_incomplete,
+            keep_paths=args.keep_paths,
         )
         print(f"exported to {out}")
         if args.push:

@@ -10,9 +10,14 @@
   section recording the layer names so :func:`load_export` needs no call-time arguments;
 * ``heads.safetensors``: every ``loss.*`` tensor of the checkpoint (projection, DINO and iBOT heads, loss state)
   and the student's mask token, for fine-tuning or resuming distillation elsewhere;
-* ``recipe.yaml``: the resolved recipe;
+* ``recipe.yaml``: the resolved recipe, its local paths replaced by ``<local>/`` + the file or folder name
+  (``keep_paths`` keeps them);
 * ``README.md``: a Hugging Face model card (licence inherited from the teachers, loading line, recipe, data,
   optional evaluation and speed tables).
+
+No file of an export names an absolute local path (data, teacher weights, run folder): ``config.json``, the card
+and the safetensors metadata never do, ``recipe.yaml`` only with ``keep_paths``, so a public ``--push`` publishes
+no folder, user or mount-point names.
 
 Everything is safetensors, JSON, YAML or Markdown: reading an export back never unpickles anything.
 """
@@ -52,6 +57,10 @@ EXPORT_FILES = ("README.md", "config.json", "heads.safetensors", "model.safetens
 MASK_TOKEN_KEY = "student.mask_token"
 NC_LICENSE = "cc-by-nc-nd-4.0"
 PLACEHOLDER_REPO = "ORG/NAME"
+#: Stands for the folder part of a local path in an export: ``/home/me/data/tiles`` -> ``<local>/tiles``.
+LOCAL_PLACEHOLDER = "<local>"
+#: Source prefixes that may stand before a local path (``local-dir:/models/uni``, ``open_clip:local-dir:...``).
+_PATH_PREFIXES = ("open_clip:", "transformers:", "local-dir:", "file://", "file:")
 CARD_TAGS = ["pathology", "multiteach", "distillation"]
 
 
@@ -67,6 +76,7 @@ def export_run(
     speed: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
     allow_incomplete: bool = False,
+    keep_paths: bool = False,
 ) -> Path:
     """Export the last checkpoint of a run as a timm model folder (see the module docstring for the files).
 
@@ -85,6 +95,9 @@ def export_run(
             ``ORG/NAME`` as a placeholder).
         allow_incomplete: Export a run whose last checkpoint is before ``schedule.steps`` (its card's title
             then says "incomplete"); otherwise such a run is refused.
+        keep_paths: Keep the local paths (data, teacher weights, output folder) in ``recipe.yaml`` as they are;
+            by default each becomes ``<local>/`` + its last part (:func:`redact_local_paths`). Other files never
+            hold local paths.
 
     Returns:
         ``out_dir`` as a resolved path.
@@ -102,7 +115,7 @@ def export_run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        _write_export(run, run_dir, tmp, evaluation, speed, repo_id or PLACEHOLDER_REPO)
+        _write_export(run, run_dir, tmp, evaluation, speed, repo_id or PLACEHOLDER_REPO, keep_paths)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,6 +157,7 @@ def _write_export(
     evaluation: Mapping[str, Mapping[str, Any]] | None,
     speed: Mapping[str, Any] | None,
     repo_id: str,
+    keep_paths: bool = False,
 ) -> None:
     """Write the five export files of ``run`` into ``folder``."""
     student, recipe = run.student, run.recipe
@@ -171,8 +185,8 @@ def _write_export(
     }
     atomic_save_safetensors(folder / "heads.safetensors", unique, metadata=meta)
 
-    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    card = model_card(run, run_dir, repo_id=repo_id, evaluation=evaluation, speed=speed)
+    (folder / "recipe.yaml").write_text(export_recipe_yaml(recipe, keep_paths), encoding="utf-8")
+    card = model_card(run, run_dir, repo_id=repo_id, evaluation=evaluation, speed=speed, keep_paths=keep_paths)
     (folder / "README.md").write_text(card, encoding="utf-8")
     _usual_permissions(folder)
 
@@ -195,6 +209,68 @@ def _check_loads(arch: str, model_kwargs: Mapping[str, Any], state: Mapping[str,
         model.load_state_dict(dict(state), strict=True, assign=True)
     except RuntimeError as exc:
         raise MultiteachError(f"the student's weights do not match timm's {arch!r}: {exc}") from None
+
+
+def redact_local_path(value: str, force: bool = False) -> str:
+    """``<local>/`` + the last part of a local path, keeping a source prefix; other text unchanged.
+
+    ``/home/me/data/tiles`` -> ``<local>/tiles``; ``local-dir:/models/uni`` -> ``local-dir:<local>/uni``;
+    ``hf-hub:org/name``, ``uni`` and relative paths stay as they are unless ``force`` (a value known to be a
+    path, such as ``data.train``).
+
+    Args:
+        value: A recipe value.
+        force: Redact a relative path too.
+    """
+    prefix, rest = "", value
+    while True:
+        head = next((p for p in _PATH_PREFIXES if rest.startswith(p)), None)
+        if head is None:
+            break
+        prefix, rest = prefix + head, rest[len(head) :]
+    local = rest.startswith(("/", "~", "\\")) or (len(rest) > 2 and rest[1] == ":" and rest[2] in "/\\")
+    if not rest or rest.startswith(LOCAL_PLACEHOLDER) or not (local or force or prefix.endswith("local-dir:")):
+        return value
+    name = rest.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return f"{prefix}{LOCAL_PLACEHOLDER}/{name}" if name not in ("", "~", ".") else f"{prefix}{LOCAL_PLACEHOLDER}"
+
+
+def redact_local_paths(tree: Any) -> Any:
+    """A copy of nested mappings/lists with every local path string redacted (:func:`redact_local_path`)."""
+    if isinstance(tree, Mapping):
+        return {k: redact_local_paths(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact_local_paths(v) for v in tree]
+    return redact_local_path(tree) if isinstance(tree, str) else tree
+
+
+def _force_paths(value: Any) -> Any:
+    """A known path slot (a path or a list of paths) redacted even when relative; null stays null."""
+    if isinstance(value, list):
+        return [_force_paths(v) for v in value]
+    return redact_local_path(value, force=True) if isinstance(value, str) else value
+
+
+def export_recipe_yaml(recipe: Any, keep_paths: bool = False) -> str:
+    """The ``recipe.yaml`` of an export: the resolved recipe, local paths redacted unless ``keep_paths``.
+
+    Every local-path slot (``data.train``, ``cache.dir``, ``teachers.*.weights``, ``local-dir:`` sources,
+    ``losses.*.target_heads``) becomes ``<local>/`` + its last part, as does any other absolute path in the
+    recipe (``output_dir``, ...). The result is still a valid recipe: point the placeholders at your own copies
+    (``data.train=/my/tiles``) to train it again.
+    """
+    if keep_paths:
+        return recipe.to_yaml()
+    data = redact_local_paths(recipe.to_dict())
+    data["data"]["train"] = _force_paths(data["data"]["train"])
+    if data.get("cache"):
+        data["cache"]["dir"] = _force_paths(data["cache"]["dir"])
+    for teacher in data["teachers"].values():
+        teacher["weights"] = _force_paths(teacher["weights"])
+    for term in data["losses"].values():
+        if isinstance(term, dict) and isinstance(term.get("target_heads"), str):
+            term["target_heads"] = _force_paths(term["target_heads"])
+    return type(recipe).from_dict(data).to_yaml()
 
 
 def export_config(run: RunStudent) -> dict[str, Any]:
@@ -229,7 +305,7 @@ def export_config(run: RunStudent) -> dict[str, Any]:
         "recipe": recipe.name,
         "teachers": {name: recipe.teachers[name].source for name in _used_teachers(recipe)},
     }
-    return cfg
+    return redact_local_paths(cfg)
 
 
 def split_shared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -537,20 +613,22 @@ def _expert_head_lines(recipe: Any, run_dir: Path) -> list[str]:
 
 
 def _data_lines(run_dir: Path, recipe: Any) -> list[str]:
-    """Tile count and source from ``run_dir/data.json`` (written by ``multiteach train``)."""
+    """Tile count from ``run_dir/data.json`` (written by ``multiteach train``); sources as folder names only."""
     path = run_dir / "data.json"
     lines = ["## Data", ""]
     info: dict[str, Any] = {}
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):
             info = json.loads(path.read_text())
+    train = _force_paths(recipe.data.train)
+    sources = ", ".join(f"`{t}`" for t in ([train] if isinstance(train, str) else train or [])) or "`?`"
     if info:
         skipped = len(info.get("skipped", []))
-        lines.append(f"- {info.get('tiles', '?')} tiles from `{info.get('source', '?')}`")
+        lines.append(f"- {info.get('tiles', '?')} tiles from {sources}")
         if skipped:
             lines.append(f"- {skipped} unreadable image(s) skipped")
     else:
-        lines.append(f"- training data: `{recipe.data.train}` (no data.json in the run directory)")
+        lines.append(f"- training data: {sources} (no data.json in the run directory)")
     d = recipe.data
     lines.append(
         f"- views: {d.global_crops.n} global crops of {d.global_crops.size} px, "
@@ -560,14 +638,25 @@ def _data_lines(run_dir: Path, recipe: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _card_name(name: str) -> str:
+    """A model name for a card table: a local path as ``<local>/NAME`` in backticks (bare, Markdown would take
+    ``<local>`` for an HTML tag and hide it)."""
+    redacted = redact_local_path(name)
+    return f"`{redacted}`" if redacted != name else name
+
+
 def model_card(
     run: RunStudent,
     run_dir: str | Path,
     repo_id: str = PLACEHOLDER_REPO,
     evaluation: Mapping[str, Mapping[str, Any]] | None = None,
     speed: Mapping[str, Any] | None = None,
+    keep_paths: bool = False,
 ) -> str:
     """The ``README.md`` of an export: HF front matter, licence, loading line, recipe, teachers, data, tables.
+
+    Local paths (data folders, ``local-dir:`` teachers, model names that are paths) appear as ``<local>/`` + their
+    last part, whatever ``keep_paths`` says; ``keep_paths`` only changes what the card says about ``recipe.yaml``.
 
     Args:
         run: The restored run (:func:`multiteach.runs.load_run_student`).
@@ -575,10 +664,13 @@ def model_card(
         repo_id: Hub id used in the loading line.
         evaluation: Model -> metric -> value, or None.
         speed: A :func:`speed_card` result (or model -> metric -> value), or None.
+        keep_paths: Whether the export's ``recipe.yaml`` kept the local paths.
     """
     run_dir = Path(run_dir)
     student, recipe = run.student, run.recipe
-    rows = teacher_rows(recipe)
+    rows = [redact_local_paths(r) for r in teacher_rows(recipe)]
+    if evaluation:
+        evaluation = {_card_name(str(name)): metrics for name, metrics in evaluation.items()}
     front, licence_lines = card_license(rows)
     front = {"library_name": "timm", **front, "tags": CARD_TAGS, "pipeline_tag": "image-feature-extraction"}
     params = sum(p.numel() for p in student.model.parameters())
@@ -637,7 +729,13 @@ def model_card(
         f"precision {recipe.train.precision}",
         f"- loss: `{_loss_line(recipe)}`",
         f"- exported weights: {'EMA' if run.weights == 'ema' else 'live (non-EMA)'} student",
-        "- the full resolved recipe is `recipe.yaml`",
+        "- the full resolved recipe is `recipe.yaml`; "
+        + (
+            "it keeps the local paths of the training machine (exported with `--keep-paths`)"
+            if keep_paths
+            else f"its local paths (data, teacher weights, output folder) read `{LOCAL_PLACEHOLDER}/` + the file or "
+            "folder name: point them at your own copies to train it again (`multiteach export --keep-paths` keeps them)"
+        ),
         "",
         "## Teachers",
         "",

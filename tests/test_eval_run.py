@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.container import BarContainer, ErrorbarContainer
 from safetensors.torch import save_file
 
 from multiteach.build import build_components, build_teachers
@@ -16,7 +17,7 @@ from multiteach.checkpoint import latest_checkpoint, load_checkpoint
 from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
-from multiteach.eval import evaluate, resolve_model, teacher_fidelity
+from multiteach.eval import evaluate, report, resolve_model, teacher_fidelity
 from multiteach.eval.embed import embed_folder, load_images
 from multiteach.eval.fidelity import projection_loss
 from multiteach.eval.run import load_labelled
@@ -87,8 +88,16 @@ def test_random_vit_small_on_tcga_is_reproducible(tcga, tmp_path):
 
 
 # --------------------------------------------------------------------------- trained run vs its teacher
-def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path):
+def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path, monkeypatch):
     """A run directory and its teacher stand-in side by side: files, CV with groups, robustness, fidelity."""
+    figures = []
+
+    def keep(*args, **kwargs):
+        figures.append(draw(*args, **kwargs))
+        return figures[-1]
+
+    draw = report.comparison_figure
+    monkeypatch.setattr(report, "comparison_figure", keep)
     out = tmp_path / "out"
     result = evaluate(
         [str(tiny["run"]), "uni"],
@@ -130,6 +139,18 @@ def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path):
     assert result["metrics"]["run"]["fidelity_uni_cka"] == fid["run"]["uni"]["summary_cka"]
     md = (out / "results.md").read_text()
     assert "fidelity_uni_patch" in md and "| uni |" in md and "Matched cosine per perturbation" in md
+
+    # comparison.png: a panel per metric family, the run highlighted, whiskers only on the CV scores
+    (fig,) = figures
+    assert fig.get_suptitle() == "multiteach eval on labelled: 5-fold CV (40 images)\nrun (student) vs uni"
+    knn, robust, fidelity = fig.axes
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["kNN", "robustness", "fidelity"]
+    bars = {ax: [p for c in ax.containers if isinstance(c, BarContainer) for p in c.patches] for ax in fig.axes}
+    whiskers = {ax: [c for c in ax.containers if isinstance(c, ErrorbarContainer)] for ax in fig.axes}
+    assert len(bars[knn]) == len(whiskers[knn]) == 8  # 4 CV scores x 2 models
+    assert len(bars[robust]) == 10 and whiskers[robust] == []  # cosine + 4 top-k, single values
+    assert len(bars[fidelity]) == 3 and whiskers[fidelity] == []  # the run's 3 measures; uni has none
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run (student)", "uni"]
 
 
 FIDELITY_KEYS = {

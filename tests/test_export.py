@@ -24,12 +24,15 @@ from multiteach.export import (
     EXPORT_FILES,
     MASK_TOKEN_KEY,
     card_license,
+    export_config,
+    export_recipe_yaml,
     export_run,
     load_export,
     load_heads,
     model_card,
     parse_load_line,
     push_to_hub,
+    redact_local_path,
     speed_card,
     split_shared,
     teacher_rows,
@@ -225,6 +228,101 @@ def test_model_card_generic_teacher_expert_heads_and_tables(tiny_run, tiny_expor
 
     front, lines = card_license(teacher_rows(load_recipe(tiny_run / "recipe.yaml", ["teachers.uni.source=uni"])))
     assert front == {"license": "cc-by-nc-nd-4.0"}
+
+
+# ------------------------------------------------------------------------------------------------ local paths
+
+
+def _temp_roots(tmp_path_factory) -> list[str]:
+    """The absolute paths of this session's temp folders (every fixture's tiles, weights and runs lie below)."""
+    base = tmp_path_factory.getbasetemp()
+    return sorted({str(base), os.path.realpath(base)})
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header, read as JSON (the header is the file's first N bytes)."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(size))["__metadata__"]
+
+
+def _path_leaks(folder: Path, needles: list[str]) -> list[str]:
+    """``file: needle`` for every needle found in any file of ``folder`` (raw bytes, and safetensors metadata)."""
+    leaks = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        texts = [path.read_bytes().decode("utf-8", errors="replace")]
+        if path.suffix == ".safetensors":
+            texts.append(json.dumps(_safetensors_metadata(path)))
+        leaks += [f"{path.name}: {n}" for n in needles if any(n in text for text in texts)]
+    return leaks
+
+
+def test_export_leaks_no_local_path(tiny_run, tiny_export, tmp_path_factory):
+    roots = _temp_roots(tmp_path_factory)
+    assert any(root in (tiny_run / "recipe.yaml").read_text() for root in roots)  # the run itself names them
+    assert _safetensors_metadata(tiny_export / "heads.safetensors")["weights"] == "ema"  # the header parse works
+    assert _path_leaks(tiny_export, roots) == []
+
+    recipe = yaml.safe_load((tiny_export / "recipe.yaml").read_text())
+    assert recipe["data"]["train"] == "<local>/tiles"
+    assert recipe["teachers"]["uni"]["weights"] == "<local>/uni"
+    assert recipe["output_dir"] == "<local>/run"
+    assert load_recipe(tiny_export / "recipe.yaml").teachers["uni"].weights.endswith("<local>/uni")  # still a recipe
+
+    card = (tiny_export / "README.md").read_text()
+    assert "24 tiles from `<local>/tiles`" in card
+    assert "its local paths (data, teacher weights, output folder) read `<local>/` + the file or folder name" in card
+    assert "(`multiteach export --keep-paths` keeps them)" in card
+
+
+def test_cli_keep_paths_keeps_them_in_the_recipe_only(tiny_run, tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "kept"
+    assert main(["export", str(tiny_run), "--out", str(out), "--keep-paths"]) == 0
+    assert f"exported to {out}" in capsys.readouterr().out
+    roots = _temp_roots(tmp_path_factory)
+    assert {leak.split(":")[0] for leak in _path_leaks(out, roots)} == {"recipe.yaml"}
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["data"]["train"] == str(tiny_run.parent / "tiles")
+    assert recipe["teachers"]["uni"]["weights"] == str(tiny_run.parent / "uni")
+    card = (out / "README.md").read_text()
+    assert "it keeps the local paths of the training machine (exported with `--keep-paths`)" in card
+
+
+def test_local_dir_teachers_and_path_names_are_redacted(tiny_run, tmp_path_factory):
+    run = load_run_student(tiny_run)
+    recipe = load_recipe(tiny_run / "recipe.yaml", [f"teachers.uni.source=local-dir:{tiny_run.parent / 'uni'}"])
+    generic = dataclasses.replace(run, recipe=recipe)
+    card = model_card(generic, tiny_run, evaluation={str(tiny_run): {"knn_bacc": 0.5}})
+    config = export_config(generic)
+    text = export_recipe_yaml(recipe)
+    for root in _temp_roots(tmp_path_factory):
+        assert root in recipe.to_yaml()
+        assert root not in card and root not in json.dumps(config) and root not in text
+    assert "| uni | `local-dir:<local>/uni` | not in the catalog" in card
+    assert "| `<local>/run` | 0.5 |" in card
+    assert config["multiteach"]["teachers"] == {"uni": "local-dir:<local>/uni"}
+    assert yaml.safe_load(text)["teachers"]["uni"]["source"] == "local-dir:<local>/uni"
+
+
+@pytest.mark.parametrize(
+    "value, redacted",
+    [
+        ("/home/me/data/tiles", "<local>/tiles"),
+        ("/home/me/data/tiles/", "<local>/tiles"),
+        ("~/weights/uni.safetensors", "<local>/uni.safetensors"),
+        ("local-dir:/models/uni", "local-dir:<local>/uni"),
+        ("open_clip:local-dir:/models/plip", "open_clip:local-dir:<local>/plip"),
+        ("transformers:/models/phikon", "transformers:<local>/phikon"),
+        ("C:\\Users\\me\\tiles", "<local>/tiles"),
+        ("/", "<local>"),
+        ("hf-hub:org/name", "hf-hub:org/name"),
+        ("uni", "uni"),
+        ("runs/{name}", "runs/{name}"),
+        ("<local>/tiles", "<local>/tiles"),
+    ],
+)
+def test_redact_local_path(value, redacted):
+    assert redact_local_path(value) == redacted
 
 
 def test_speed_card_student_and_teacher_architectures(tiny_run):

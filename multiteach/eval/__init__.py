@@ -7,7 +7,7 @@ caller passes in.
 
 from multiteach.eval.knn import knn_cv, knn_eval
 from multiteach.eval.linear import DEFAULT_C_GRID, linear_probe, linear_probe_cv
-from multiteach.eval.report import atomic_write_bytes, comparison_chart, to_json, to_markdown
+from multiteach.eval.report import atomic_write_bytes, comparison_chart, comparison_figure, to_json, to_markdown
 from multiteach.eval.robustness import (
     CROMA_PIN,
     SCANNER_PROFILES,
@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "blur",
     "comparison_chart",
+    "comparison_figure",
     "evaluate_perturbations",
     "hed_shift",
     "jpeg_compress",

@@ -16,7 +16,8 @@ For each model (a run directory, an exported student or a teacher; see
    varies across images is reported, never scored as a perfect match.
 
 ``results.json`` (everything), ``results.md`` (tables) and, for more than one model,
-``comparison.png`` are written atomically to the output folder.
+``comparison.png`` (a panel per metric family, run directories and exports highlighted as students; see
+:func:`~multiteach.eval.report.comparison_figure`) are written atomically to the output folder.
 
 Unreadable images (truncated, not an image, empty) are found before any model is loaded, skipped like
 ``multiteach train`` skips them, and counted and listed in both files (``protocol.skipped``); with
@@ -64,6 +65,8 @@ CHART_PNG = "comparison.png"
 FIDELITY_COLUMNS = {"summary": "summary_centred_cosine", "patch": "patch_centred_cosine", "cka": "summary_cka"}
 #: A teacher whose features spread less than this across the evaluation images is reported as dead.
 DEAD_SPREAD = 1e-3
+#: Model kinds that are students: highlighted in ``comparison.png``.
+STUDENT_KINDS = ("run", "export")
 
 
 # --------------------------------------------------------------------------- labelled data
@@ -547,12 +550,32 @@ def evaluate(
     chart = out / CHART_PNG
     if len(table) > 1:
         try:
-            files["chart"] = str(comparison_chart(table, chart, title=f"multiteach eval: {labelled.root.name}"))
+            students = [n for n, k in zip(names, kinds) if k in STUDENT_KINDS]
+            title = chart_title(labelled.root.resolve().name, protocol, names, students)
+            files["chart"] = str(comparison_chart(table, chart, title=title, highlight=students))
         except ImportError:
             log.warning("matplotlib is not installed; %s not written (pip install matplotlib)", chart)
     elif chart.is_file():
         chart.unlink()  # a stale chart of an earlier, multi-model evaluation
     return {**result, "files": files, "markdown": markdown}
+
+
+def chart_title(data_name: str, protocol: Mapping[str, Any], names: Sequence[str], students: Sequence[str]) -> str:
+    """The ``comparison.png`` title: the data set and how it was scored, then the models, students first.
+
+    Example: ``"tcga: train/test split (130 / 60 images)"`` over ``"run (student) vs uni, phikon"``.
+    """
+    if protocol["mode"] == "train/test":
+        how = f"train/test split ({protocol['n_train']} / {protocol['n_test']} images)"
+    else:
+        how = f"{protocol['n_splits']}-fold CV ({protocol['n_train']} images)"
+    others = [n for n in names if n not in students]
+    if students:
+        who = f"{', '.join(students)} ({'student' if len(students) == 1 else 'students'})"
+        models = f"{who} vs {', '.join(others)}" if others else who
+    else:
+        models = " vs ".join(names)
+    return f"multiteach eval on {data_name}: {how}\n{models}"
 
 
 def _markdown(result: Mapping[str, Any], table: Mapping[str, Mapping[str, Any]], robustness: Mapping) -> str:

@@ -12,6 +12,7 @@ Sources a user can name:
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "build_teacher",
     "resolve_spec",
     "teacher_architecture",
+    "weights_architecture",
 ]
 
 
@@ -103,6 +105,51 @@ def teacher_architecture(name: str, **overrides: Any) -> nn.Module:
     if not hasattr(loader, "architecture") or not spec.arch or spec.arch.startswith(("hf-hub:", "local-dir:")):
         raise MultiteachError(f"teacher {name!r}: its architecture is only known after loading its config")
     return loader.architecture(spec)
+
+
+def weights_architecture(spec: TeacherSpec) -> tuple[nn.Module, TeacherSpec, Path] | None:
+    """The architecture a loader builds from the ``config.json`` in ``spec.weights``, on the meta device.
+
+    Mirrors the loaders: a timm teacher whose ``weights:`` folder holds a timm ``config.json`` is built as
+    that config says (``architecture`` + ``model_args``), whatever the catalog entry says; a transformers
+    teacher as its folder's model config (read into a native class: no Hub code runs here). CONCH and
+    OpenCLIP towers always take the catalog architecture.
+
+    Args:
+        spec: The teacher's spec with ``weights`` set as the loader would see it.
+
+    Returns:
+        ``(model on meta, spec with that model's width, patch size and prefix tokens, the config.json)``,
+        or None when ``spec.weights`` is not a folder with a ``config.json`` or the loader ignores it.
+    """
+    from multiteach.teachers.weights import read_json
+
+    if not spec.weights:
+        return None
+    root = Path(spec.weights).expanduser()
+    path = root / timm_vit.CONFIG_FILE
+    if not (root.is_dir() and path.is_file()):
+        return None
+    raw = read_json(path)
+    if spec.loader == "timm":
+        arch, kwargs, resolved = timm_vit.resolve_spec_from_config(spec, raw)
+        model = timm_vit.create_timm(arch, kwargs)
+        patch, prefix = int(model.patch_embed.patch_size[0]), int(model.num_prefix_tokens)
+        width = int(model.num_features)
+    elif spec.loader == "transformers" and raw.get("model_type"):
+        from transformers import CONFIG_MAPPING
+
+        native = raw["model_type"] in CONFIG_MAPPING and not raw.get("auto_map")
+        config = (CONFIG_MAPPING[raw["model_type"]] if native else hf_vit.config_class(spec.arch)).from_dict(raw)
+        with torch.device("meta"):
+            model = hf_vit.model_from_config(config)
+        arch, resolved = type(config).__name__, spec
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        prefix, width = 1 + int(getattr(config, "num_register_tokens", 0) or 0), int(config.hidden_size)
+    else:
+        return None
+    layout = {"embed_dim": width, "patch_size": int(patch), "num_prefix_tokens": prefix, "summary_dim": None}
+    return model, resolved.replace(arch=arch, **layout), path
 
 
 def build_teacher(

@@ -20,6 +20,7 @@ At training start, :func:`preflight` runs the same check for every pretrained te
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -49,6 +50,8 @@ _ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 
+log = logging.getLogger("multiteach.teachers.doctor")
+
 
 @dataclass
 class Report:
@@ -59,12 +62,22 @@ class Report:
         file: The weights file (or folder / Hub id when it could not be resolved).
         problems: Reasons the teacher will not load as is, each with the fix when one is known.
         notes: What the loader will do to the file, dtypes and sizes (informational).
+        catalog_architecture: True (``--check``): a ``config.json`` that describes another architecture than
+            the catalog entry is a problem. False (training preflight): the loader builds the folder's own
+            architecture (how stand-ins and fine-tuned variants are used), so it is a warning only.
+        warnings: Findings that do not stop loading (architecture differences in preflight mode).
     """
 
     teacher: str
     file: str
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    catalog_architecture: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+    def architecture_differs(self, message: str) -> None:
+        """Record a config.json-vs-catalog difference as a problem or a warning (see ``catalog_architecture``)."""
+        (self.problems if self.catalog_architecture else self.warnings).append(message)
 
     @property
     def ok(self) -> bool:
@@ -205,7 +218,7 @@ def _check_timm(spec: TeacherSpec, report: Report) -> None:
         arch, kwargs, _ = timm_vit.resolve_spec_from_config(spec, config)
         report.notes.append(f"config.json: architecture {arch}, model_args {json.dumps(config.get('model_args', {}))}")
         if spec.arch and config.get("architecture") and config["architecture"] != spec.arch:
-            report.problems.append(
+            report.architecture_differs(
                 f"config.json names architecture {config['architecture']!r} but the catalog entry is {spec.arch!r}: "
                 "wrong model variant, or `weights:` points at another model's folder"
             )
@@ -214,7 +227,7 @@ def _check_timm(spec: TeacherSpec, report: Report) -> None:
         loader, catalog = _shapes(model.state_dict()), _shapes(catalog_model.state_dict())
         if loader != catalog:
             got, want = vit_dims(loader), vit_dims(catalog)
-            report.problems.append(
+            report.architecture_differs(
                 f"config.json describes a {got.describe()}, not the {want.describe()} of the catalog entry: "
                 "the folder holds another model (or set this teacher's model_kwargs to match)"
             )
@@ -304,7 +317,7 @@ def _check_transformers(spec: TeacherSpec, report: Report) -> None:
             if getattr(config, k, None) != getattr(catalog_cfg, k, None)
         ]
         if wrong or config.model_type != catalog_cfg.model_type and not raw.get("auto_map"):
-            report.problems.append(
+            report.architecture_differs(
                 f"config.json describes another model than the catalog entry ({config.model_type}: "
                 f"{', '.join(wrong) or 'model type differs'}): wrong model variant, or `weights:` points at "
                 "another model's folder"
@@ -410,13 +423,18 @@ _CHECKS = {
 }
 
 
-def check_teacher(spec: TeacherSpec) -> Report:
+def check_teacher(spec: TeacherSpec, catalog_architecture: bool = True) -> Report:
     """Check the weights a teacher ``spec`` would load (its ``weights:`` or its Hub files).
 
     Never raises for a bad file: every failure becomes a problem in the report, naming the teacher and the
     file. Reads headers / memory-mapped pickles only; the architecture lives on the meta device.
+
+    Args:
+        spec: The teacher (``weights`` / ``hub_id`` say where its files are).
+        catalog_architecture: Whether a folder whose config.json describes another architecture than the
+            catalog entry fails the check (True, ``--check``) or only warns (False, training preflight).
     """
-    report = Report(spec.name, str(spec.weights or spec.hub_id or spec.arch))
+    report = Report(spec.name, str(spec.weights or spec.hub_id or spec.arch), catalog_architecture=catalog_architecture)
     try:
         _CHECKS[spec.loader](spec, report)
     except MultiteachError as exc:
@@ -481,8 +499,10 @@ def preflight(recipe: Any, names: Iterable[str]) -> list[Report]:
             spec = spec.replace(weights=cfg.weights)
         if not spec.weights and not spec.hub_id and spec.loader == "timm":
             continue  # a plain timm name: timm fetches and checks its own weights
-        report = check_teacher(spec)
+        report = check_teacher(spec, catalog_architecture=False)
         report.teacher = f"{name} ({cfg.source})" if name != cfg.source else name
+        for warning in report.warnings:
+            log.warning("teacher %r: %s; training loads the folder's own architecture", name, warning)
         reports.append(report)
     bad = [r for r in reports if not r.ok]
     if bad:
