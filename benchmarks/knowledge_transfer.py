@@ -4,8 +4,8 @@
 
 In one run, on this machine:
 1. distils the teacher into the built-in `distill_tiny` student (ViT-Ti width, 5 blocks: < half the
-   teacher's parameters) on real H&E tiles (shared/data/unlabeled_tiles_224 + tiles of the slide shipped
-   with multiteach), timing it;
+   teacher's parameters) on the real H&E tiles the teacher was pretrained on (shared/data/unlabeled_tiles_224
+   + the two shared slides re-tiled), timing it;
 2. embeds the labelled sets of shared/data/labeled (LC25000 subset: 5-fold CV; TCGA LUAD/LUSC:
    slide-disjoint train -> test) with four models: the teacher, a random init of the teacher's
    architecture, the student, and the student's random-init twin;
@@ -45,17 +45,29 @@ from multiteach.teachers.shipped import shipped_dir
 TEACHER = "multiteach-tiny"
 
 
-def distil(shared: Path, out: Path, steps: int | None) -> tuple[Path, float]:
-    """Train the `distill_tiny` recipe; return (run dir, wall minutes)."""
+def training_tiles(shared: Path, out: Path) -> list[str]:
+    """The tiles the teacher was pretrained on (examples/tiny_teacher/prepare_data.sh): the shared unlabelled
+    tiles and the two shared slides re-tiled at 0.5 and 1.0 µm/px with 50 % overlap."""
     from multiteach.data.wsi import write_tiles
-    from multiteach.demo import slide_path
+
+    folders = [str(shared / "unlabeled_tiles_224" / "tiles")]
+    wsi = shared / "wsi"
+    for mpp in (0.5, 1.0):
+        folder = out / f"wsi_mpp{mpp}"
+        if not folder.is_dir():
+            slides = sorted(wsi.glob("*.svs"))
+            # the TCGA frozen section records no mpp: 0.5 µm/px at level 0 is assumed, as in prepare_data.sh
+            overrides = {s.name: 0.5 for s in slides if s.name.startswith("TCGA")}
+            write_tiles(slides, folder, target_mpp=mpp, tile_size=224, overlap=0.5, mpp_overrides=overrides)
+        folders.append(str(folder))
+    return folders
+
+
+def distil(shared: Path, out: Path, steps: int | None) -> tuple[Path, float]:
+    """Train the `distill_tiny` recipe on the teacher's pretraining tiles; return (run dir, wall minutes)."""
     from multiteach.train import train
 
-    slide_tiles = out / "slide_tiles"
-    if not slide_tiles.is_dir():
-        write_tiles([slide_path()], slide_tiles, target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)
-    train_sets = [str(shared / "unlabeled_tiles_224" / "tiles"), str(slide_tiles)]
-    overrides = [f"data.train=[{','.join(train_sets)}]", f"output_dir={out / 'run'}"]
+    overrides = [f"data.train=[{','.join(training_tiles(shared, out))}]", f"output_dir={out / 'run'}"]
     if steps:
         overrides.append(f"schedule.steps={steps}")
     t0 = time.perf_counter()

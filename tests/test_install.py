@@ -59,7 +59,7 @@ def test_teachers_cli_json(capsys):
     assert main(["teachers", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
-    assert len(rows) == 16
+    assert len(rows) == 17  # 16 foundation models + multiteach-tiny (shipped)
     assert by_name["h-optimus-0"]["tokens@224"] == 261 and by_name["virchow2"]["dim"] == 2560
     assert abs(by_name["uni"]["params"] - 303.35e6) / 303.35e6 < 1e-3
     assert by_name["uni"]["gated"] is True and by_name["h-optimus-0"]["gated"] is False

@@ -109,6 +109,13 @@ def test_a_student_learns_from_the_tiny_teacher(tmp_path):
     )
 
 
+def test_model_card_states_provenance_licence_and_measurements():
+    card = (shipped.shipped_dir(NAME) / "README.md").read_text()
+    for needle in ("license: apache-2.0", "TCGA", "CC0", "CPTAC", "pretrain_tiny", "knowledge_transfer.py"):
+        assert needle in card, needle
+    assert "MEASURED_SECTION" not in card  # the measured figures were filled in
+
+
 def test_the_catalog_entry_points_inside_the_package():
     spec = resolve_spec(NAME)
     assert shipped.is_shipped(spec.weights) and spec.hub_id is None and not spec.noncommercial_derivatives

@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(out: Path) -> None:
-    weights = standins(out)
+    weights = standins(out, ("h-optimus-0", "uni"))  # the recipe's two catalog teachers
     model, arch, args = tiny_timm("uni", seed=7)  # "your own" teacher: any timm model saved in hub layout
     save_timm_folder(model, out / "my_teacher", arch, args, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     sets = [

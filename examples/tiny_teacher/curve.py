@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--rule", default="cls", choices=["cls", "cls+mean"])
     ap.add_argument("--every", type=int, default=1, help="score every n-th checkpoint")
+    ap.add_argument("--live", action="store_true", help="score the live weights instead of the EMA weights")
     args = ap.parse_args()
     run = Path(args.run)
     recipe = load_recipe(run / "recipe.yaml")
@@ -61,7 +62,7 @@ def main() -> None:
         student = build_student_from(recipe).eval()
         step = 0
         if ckpt is not None:
-            sd = load_file(str(ckpt / "ema.safetensors"))
+            sd = load_file(str(ckpt / ("model.safetensors" if args.live else "ema.safetensors")))
             student.load_state_dict(
                 {k[len(STUDENT_PREFIX) :]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)}
             )

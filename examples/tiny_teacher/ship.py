@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     ap.add_argument("--curve", default=None, help="curve.csv from examples/tiny_teacher/curve.py")
+    ap.add_argument("--live", action="store_true", help="ship the live weights instead of the EMA weights")
     ap.add_argument("--out", default=str(shipped_dir("multiteach-tiny")))
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
@@ -37,7 +38,7 @@ def main() -> None:
     ckpt = ckpts[-1] if args.step is None else run / "checkpoints" / f"step_{args.step:08d}"
     recipe = load_recipe(run / "recipe.yaml")
     student = build_student_from(recipe)
-    sd = load_file(str(ckpt / "ema.safetensors"))
+    sd = load_file(str(ckpt / ("model.safetensors" if args.live else "ema.safetensors")))
     student.load_state_dict({k[len(STUDENT_PREFIX) :]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})
     model = student.model.eval()
     weights = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
@@ -53,6 +54,7 @@ def main() -> None:
         "num_prefix_tokens": str(model.num_prefix_tokens),
         "patch_size": str(student.patch_size),
         "trained_steps": ckpt.name.split("_")[1].lstrip("0"),
+        "weights": "live" if args.live else "ema",
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out / "model.safetensors", weights, metadata=meta)
