@@ -53,6 +53,8 @@ from multiteach.hardware import resolve_precision
 from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
 from multiteach.losses import active_teachers
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
+from multiteach.run_summary import RunSummary
+from multiteach.run_summary import render as render_summary
 from multiteach.schedules import cosine, linear_warmup
 from multiteach.teachers.doctor import preflight
 from multiteach.threads import choose_threads
@@ -294,6 +296,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # "error" mode so that no rank waits for a peer that stopped)
     health = recipe.train.health_check if acc.is_main_process or recipe.train.health_check == "error" else "off"
     flat_terms = FlatTermWatch(mode=health)
+    summary = RunSummary(steps, start, len(tiles.skipped))
     try:
         for batch in batches:
             lr = cosine(step, steps, o.lr, o.min_lr, o.warmup_steps)
@@ -309,7 +312,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
                 with torch.no_grad():
                     targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
             if micro_i == 0:
-                check_teacher_outputs(targets, health)
+                summary.warnings += check_teacher_outputs(targets, health)
             with acc.accumulate(model):
                 total, values = model(batch, targets, n_global, temp, ema.module if ema else None)
                 bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
@@ -330,7 +333,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
             # one optimiser step completed
             step += 1
             if step == start + 1:
-                check_standardizers(unwrapped.loss, health)
+                summary.warnings += check_standardizers(unwrapped.loss, health)
             if ema is not None:
                 ema.update(unwrapped, cosine(step, steps, sch.ema_momentum.start, sch.ema_momentum.end))
             bar.update(1)
@@ -350,8 +353,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
                 if acc.is_main_process:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                flat_terms.update({k: record[k] for k in values}, step)
+                    bar.set_postfix(_largest_terms(unwrapped.loss, record), img_s=f"{record['img_per_s']:.1f}")
+                summary.warnings += flat_terms.update({k: record[k] for k in values}, step)
+                summary.record({"loss": record["loss"], **{k: record[k] for k in values}}, imgs)
                 if recipe.train.trackers:
                     acc.log(record, step=step)
                 window_t, window_imgs = time.perf_counter(), 0
@@ -367,6 +371,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
                     steps,
                 )
                 break
+        if acc.is_main_process:
+            done = summary.finish(run_dir, step, signal.Signals(stopped_by).name if stopped_by else None)
+            log.info("summary (also in summary.json):\n%s", render_summary(done))
     finally:
         bar.close()
         del batches  # shuts the DataLoader workers down now, not when a traceback lets go of this frame
@@ -379,6 +386,13 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     if stopped_by and step < steps:
         raise RunInterrupted(stopped_by, step, steps, run_dir)
     return run_dir
+
+
+def _largest_terms(loss: Any, record: dict[str, Any], n: int = 3) -> dict[str, str]:
+    """Progress-bar postfix: the total and the ``n`` terms with the largest weighted values."""
+    weighted = {k: abs(loss.term(k).weight * record[k]) for k in loss.names if k in record}
+    top = sorted(weighted, key=weighted.get, reverse=True)[:n]
+    return {"loss": f"{record['loss']:.4f}", **{k: f"{record[k]:.4f}" for k in top}}
 
 
 def _agreed_stop(acc: Accelerator, stop: StopRequest) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -162,5 +163,20 @@ def test_training_warns_on_a_dead_teacher_and_errors_in_strict_mode(tmp_path, ca
 def test_training_is_silent_on_a_live_teacher(tmp_path, caplog):
     path = recipe_yaml(tmp_path, steps=2, checkpoint_every=2)
     with caplog.at_level(logging.WARNING, logger="multiteach"):
-        train(load_recipe(path, ["train.health_check=error"]))  # would raise on any problem
+        run_dir = train(load_recipe(path, ["train.health_check=error"]))  # would raise on any problem
     assert not [r for r in caplog.records if "health check" in r.getMessage()]
+    # the end-of-run summary: printed/logged, and written as summary.json
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and (summary["steps_done"], summary["steps_planned"]) == (2, 2)
+    assert set(summary["terms"]) == {"loss", "uni.cls", "uni.patch", "dino", "ibot"}
+    assert all(set(v) == {"first", "last"} for v in summary["terms"].values())
+    assert summary["img_per_s"] > 0 and summary["warnings"] == [] and summary["skipped_tiles"] == 0
+    assert "run finished: 2 of 2 steps" in (run_dir / "train.log").read_text()
+
+
+def test_summary_lists_the_health_warnings(tmp_path):
+    path = recipe_yaml(tmp_path, steps=2, checkpoint_every=2)
+    dead = _dead_uni(tmp_path / "dead_uni")
+    run_dir = train(load_recipe(path, [f"teachers.uni.weights={dead}"]))
+    warnings = json.loads((run_dir / "summary.json").read_text())["warnings"]
+    assert any("teacher 'uni'" in w for w in warnings), warnings
