@@ -14,10 +14,12 @@ import io
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from multiteach.config import check_paths, load_recipe
+from multiteach.curves import term_names
 from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.runs import run_progress
 
@@ -118,7 +120,7 @@ def run_sweep(source: str, grid: list[str], overrides: list[str] = (), root: str
         root.mkdir(parents=True, exist_ok=True)
         rows = [_row(root / name, name, values, recipe.schedule.steps) for name, values, recipe in plan]
         _write_summary(root, list(axes), rows)
-        _plot_curves(root, rows)
+        _plot_curves(root, rows, list(axes))
     if stopped is not None:
         raise SweepInterrupted(stopped, root)
     return root
@@ -142,13 +144,10 @@ def _row(run_dir: Path, name: str, values: dict[str, str], planned: int) -> dict
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     status = COMPLETE if done >= planned else (INCOMPLETE if done or lines else NOT_STARTED)
-    return {
-        "run": name,
-        **values,
-        "status": status,
-        "steps": f"{done}/{planned}",
-        **(json.loads(lines[-1]) if lines else {}),
-    }
+    first, last = (json.loads(lines[0]), json.loads(lines[-1])) if lines else ({}, {})
+    # each term's change over the run beside its last value: an ablation is read term by term
+    changes = {f"{k} change": last[k] - first[k] for k in term_names([last]) if k in first}
+    return {"run": name, **values, "status": status, "steps": f"{done}/{planned}", **last, **changes}
 
 
 def _write_summary(root: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
@@ -170,32 +169,22 @@ def _write_summary(root: Path, keys: list[str], rows: list[dict[str, Any]]) -> N
     _atomic(root / "summary.md", lambda p: p.write_text("\n".join(md) + "\n"))
 
 
-def _plot_curves(root: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """Write ``loss_curves.png``: one curve per run that logged anything, unfinished runs dashed and
-    labelled with their status and steps; returns the legend labels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _plot_curves(root: Path, rows: list[dict[str, Any]], keys: Sequence[str] = ()) -> list[str]:
+    """Write ``loss_curves.png``: one panel per loss term (and the total), one line per run that logged
+    anything, labelled by its grid values; unfinished runs dashed and labelled with their status and steps.
+    Returns the legend labels."""
+    from multiteach.curves import read_metrics, save_png, term_figure
 
-    from multiteach.standins import _atomic
-
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    labels = []
+    series, labels = [], []
     for row in rows:
-        metrics = root / row["run"] / "metrics.jsonl"
-        recs = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        recs = read_metrics(root / row["run"] / "metrics.jsonl")
         if not recs:
             continue
         complete = row["status"] == COMPLETE
-        labels.append(row["run"] if complete else f"{row['run']} ({row['status']}, {row['steps']} steps)")
-        style = "-" if complete else "--"
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], style, label=labels[-1])
-    ax.set_xlabel("step")
-    ax.set_ylabel("total loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _atomic(root / "loss_curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        name = ", ".join(f"{k.split('.', 1)[-1]}={row[k]}" for k in keys if k in row) or row["run"]
+        labels.append(name if complete else f"{name} ({row['status']}, {row['steps']} steps)")
+        series.append((labels[-1], recs, not complete))
+    save_png(term_figure(series, title=f"sweep {root.name}: loss terms"), root / "loss_curves.png")
     return labels
 
 

@@ -40,6 +40,7 @@ from multiteach.checkpoint import (
     save_checkpoint,
     shared_names,
 )
+from multiteach.curves import write_run_curves
 from multiteach.distributed import (
     block_class_names,
     check_strategy,
@@ -374,6 +375,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
         if acc.is_main_process:
             done = summary.finish(run_dir, step, signal.Signals(stopped_by).name if stopped_by else None)
             log.info("summary (also in summary.json):\n%s", render_summary(done))
+            write_run_curves(run_dir)
     finally:
         bar.close()
         del batches  # shuts the DataLoader workers down now, not when a traceback lets go of this frame

@@ -172,6 +172,7 @@ def test_training_is_silent_on_a_live_teacher(tmp_path, caplog):
     assert all(set(v) == {"first", "last"} for v in summary["terms"].values())
     assert summary["img_per_s"] > 0 and summary["warnings"] == [] and summary["skipped_tiles"] == 0
     assert "run finished: 2 of 2 steps" in (run_dir / "train.log").read_text()
+    assert (run_dir / "curves.png").is_file()  # per-term curves of the run
 
 
 def test_summary_lists_the_health_warnings(tmp_path):
