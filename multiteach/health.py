@@ -41,7 +41,7 @@ DEAD_TEACHER_CAUSES = (
 def report(problems: list[str], mode: HealthMode) -> list[str]:
     """Warn about (or, with ``mode="error"``, raise on) each problem; return them."""
     if mode == "off" or not problems:
-        return problems if mode != "off" else []
+        return []
     if mode == "error":
         raise MultiteachError("health check failed (train.health_check=error):\n- " + "\n- ".join(problems))
     for p in problems:
@@ -101,12 +101,12 @@ def standardizer_problems(loss: torch.nn.Module) -> list[str]:
 
 def check_teacher_outputs(outputs: Mapping[str, TeacherOutput], mode: HealthMode = "warn") -> list[str]:
     """Run :func:`teacher_problems` and report per ``mode``."""
-    return report(teacher_problems(outputs), mode) if mode != "off" else []
+    return report(teacher_problems(outputs), mode)
 
 
 def check_standardizers(loss: torch.nn.Module, mode: HealthMode = "warn") -> list[str]:
     """Run :func:`standardizer_problems` and report per ``mode``."""
-    return report(standardizer_problems(loss), mode) if mode != "off" else []
+    return report(standardizer_problems(loss), mode)
 
 
 class FlatTermWatch:
@@ -140,4 +140,4 @@ class FlatTermWatch:
                         "it gives no gradient. Check its teacher (dead or constant output), its standardiser and "
                         "its weight"
                     )
-        return report(problems, self.mode) if self.mode != "off" else []
+        return report(problems, self.mode)
