@@ -5,6 +5,7 @@ Nothing here knows about processes or devices beyond ``device=``; :mod:`multitea
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,15 @@ from torch.utils.data import DataLoader
 
 from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop, worker_init
 from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
+from multiteach.data.perturb import RobustViews
 from multiteach.data.tiles import TileDataset, find_images, read_path_list
 from multiteach.errors import MultiteachError, missing_path
 from multiteach.losses import CompositeLoss, active_teachers, build_loss
 from multiteach.model import DistillModel
-from multiteach.students import Student, build_student
+from multiteach.students import Student, build_student, init_from_teacher
 from multiteach.teachers import Teacher, build_teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,12 +110,23 @@ def build_components(recipe: Any, device: str = "cpu", cache: Any | None = None)
         teachers, specs = {}, {n: cache.spec(n) for n in names}
         grids = {n: (cache.grids[n], f"cached in {cache.dir}") for n in names}
     student = build_student_from(recipe, device)
+    if recipe.student.init_from is not None:
+        _init_student_from_teacher(recipe, student, teachers, device)
     loss: CompositeLoss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
     _check_grids(recipe, student, grids, loss)
     model = DistillModel(student, loss, recipe.student.mean, recipe.student.std).to(device)
     if recipe.data.masking is None:
         student.mask_token.requires_grad_(False)  # unused without masks: keep it out of DDP's reducer
     return Components(model, teachers)
+
+
+def _init_student_from_teacher(recipe: Any, student: Student, teachers: dict[str, Teacher], device: str) -> None:
+    """Apply ``student.init_from``: copy the teacher's layers (loading the teacher if no term or cache did)."""
+    name = recipe.student.init_from
+    teacher = teachers.get(name) or build_teachers(recipe, [name], device)[name]
+    vit = getattr(teacher.backbone, "model", teacher.backbone)
+    blocks = init_from_teacher(student, vit, recipe.student.init_blocks, name)
+    log.info("student initialised from teacher %s: patch embedding, tokens, norm and blocks %s", name, blocks)
 
 
 def _check_grids(
@@ -177,6 +192,14 @@ def multicrop_transform(recipe: Any) -> MultiCropTransform:
     )
 
 
+def robust_views(recipe: Any) -> RobustViews | None:
+    """``data.robust_views`` as a :class:`RobustViews` sampler, or None when the switch is off."""
+    cfg = recipe.data.robust_views
+    if cfg is None:
+        return None
+    return RobustViews({k: v for k, v in cfg.items() if k != "p"}, p=cfg["p"])
+
+
 def data_loader(
     recipe: Any,
     tiles: TileDataset,
@@ -204,6 +227,7 @@ def data_loader(
         mask_grid=student.grid_for(size, size),
         masking=masking,
         cache=cache,
+        robust=robust_views(recipe),
     )
     sampler = GlobalBatchSampler(
         len(tiles),

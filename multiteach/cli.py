@@ -274,7 +274,7 @@ def _export(p: argparse.ArgumentParser):
     )
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.export import check_repo_id, export_run, format_files, push_to_hub, run_speed
+        from multiteach.publish import check_repo_id, export_run, format_files, push_to_hub, run_speed
         from multiteach.runs import require_complete
 
         if (args.dry_run or args.public) and not args.push:

@@ -33,7 +33,6 @@ import functools
 import os
 import re
 import shutil
-import tempfile
 import types
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
@@ -43,6 +42,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import timm
 import yaml
 
+from multiteach.atomic import atomic_write_text
+from multiteach.data.perturb import DEFAULT_RANGES, check_ranges
 from multiteach.errors import MultiteachError, did_you_mean, missing_path
 from multiteach.losses import LOSSES
 from multiteach.losses.base import term_class
@@ -219,6 +220,11 @@ class DataConfig:
         augment: Augmentation settings.
         masking: iBOT masking, or null for none.
         wsi: Whole-slide tiling (``mpp``, ``tile_size`` and further keys checked by the WSI reader), or null.
+        robust_views: Stain/scanner-robust distillation, or null: the student's global views are perturbed
+            copies of the clean views its teachers see (same crop, pixel-aligned). ``p`` (probability each
+            configured perturbation applies to a view, default 0.5) and perturbation name -> ``[low, high]``
+            (``hed``, ``gamma``, ``gain``, ``blur``, ``jpeg``; see :mod:`multiteach.data.perturb`); ``{}``
+            uses the default ranges.
     """
 
     train: str | list[str] | None = None
@@ -229,6 +235,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     masking: MaskingConfig | None = None
     wsi: dict[str, Any] | None = None
+    robust_views: dict[str, Any] | None = None
 
     def _finish(self, at: str) -> None:
         paths = [self.train] if isinstance(self.train, str) else self.train or []
@@ -241,6 +248,8 @@ class DataConfig:
                 value = _convert(kind, self.wsi[key], f"{at}.wsi.{key}")
                 _require(value > 0, f"{at}.wsi.{key}", value, "must be positive")
                 self.wsi[key] = value
+        if self.robust_views is not None:
+            self.robust_views = robust_views_settings(self.robust_views, f"{at}.robust_views")
 
 
 @dataclass(kw_only=True)
@@ -255,6 +264,11 @@ class StudentConfig:
         kwargs: Further timm kwargs (``mlp_layer: swiglu_packed``, ``reg_tokens: 4``, ...).
         mean: Input normalisation mean (RGB).
         std: Input normalisation std (RGB).
+        init_from: A teacher of this recipe (a timm ViT of the student's width and patch size) whose patch
+            embedding, tokens, final norm and a spread of blocks initialise the student, as DistilBERT
+            initialises its student from every other teacher layer.
+        init_blocks: Which teacher blocks, one per student block (default: spread evenly, first and last
+            included).
     """
 
     arch: str = field(metadata=_hint("a timm ViT name, e.g. student.arch=vit_small_patch16_224"))
@@ -264,6 +278,8 @@ class StudentConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    init_from: str | None = None
+    init_blocks: list[int] | None = None
 
     def _finish(self, at: str) -> None:
         if ":" not in self.arch and not timm.is_model(self.arch):
@@ -274,6 +290,14 @@ class StudentConfig:
         _positive(self, at, "img_size")
         _require(0 <= self.drop_path_rate < 1, f"{at}.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
         _require(min(self.std) > 0, f"{at}.std", list(self.std), "values must be positive")
+        if self.init_blocks is not None:
+            _require(
+                bool(self.init_blocks) and min(self.init_blocks) >= 0,
+                f"{at}.init_blocks",
+                self.init_blocks,
+                "must be a non-empty list of teacher block indices >= 0",
+            )
+            _require(self.init_from is not None, f"{at}.init_blocks", self.init_blocks, "needs student.init_from")
 
 
 @dataclass(kw_only=True)
@@ -587,11 +611,22 @@ class Recipe:
                     f"teachers.{teacher}: teacher names cannot contain '.' (they key the projection heads); "
                     f"add a teacher with teachers.NAME={{source: ...}}"
                 )
+        if self.student.init_from is not None and self.student.init_from not in self.teachers:
+            raise MultiteachError(f"student.init_from: {_not_configured(self.student.init_from, self.teachers)}")
         for teacher in self.heads:
             if teacher not in self.teachers:
                 raise MultiteachError(f"heads.{teacher}: {_not_configured(teacher, self.teachers)}")
         for term, cfg in self.losses.items():
             _check_term(term, cfg, self.teachers)
+            if (
+                _term_weight(cfg) > 0
+                and term_class(term, cfg["type"]).needs_clean_student
+                and self.data.robust_views is None
+            ):
+                raise MultiteachError(
+                    f"losses.{term}: type {cfg['type']!r} compares perturbed and clean student views and needs "
+                    "data.robust_views (e.g. data.robust_views={} for the default ranges)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (mappings, lists, scalars), every default filled in."""
@@ -617,6 +652,15 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------- schema checks
+
+
+def robust_views_settings(raw: Mapping[str, Any], at: str) -> dict[str, Any]:
+    """Check ``data.robust_views`` and fill its defaults: ``{"p": float, name: [low, high], ...}``."""
+    raw = dict(raw)
+    p = raw.pop("p", 0.5)
+    _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1, f"{at}.p", p, "must be in [0, 1]")
+    ranges = check_ranges(raw, at) if raw else dict(DEFAULT_RANGES)
+    return {"p": float(p), **{name: list(pair) for name, pair in ranges.items()}}
 
 
 def _require(ok: bool, at: str, value: Any, allowed: str) -> None:
@@ -1176,27 +1220,12 @@ def load_recipe(source: str | os.PathLike[str], overrides: Iterable[str] = ()) -
     return recipe
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_resolved(recipe: Recipe, run_dir: str | os.PathLike[str]) -> Path:
     """Write the resolved recipe to ``run_dir/recipe.yaml`` atomically; returns that path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "recipe.yaml"
-    _atomic_write(target, recipe.to_yaml())
+    atomic_write_text(target, recipe.to_yaml())
     return target
 
 

@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     from multiteach.data.tiles import find_images
     from multiteach.data.wsi import write_tiles
     from multiteach.eval.report import atomic_write_bytes
-    from multiteach.export import export_run
+    from multiteach.publish import export_run
     from multiteach.train import train
 
     out = Path(out)

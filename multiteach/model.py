@@ -48,7 +48,8 @@ class DistillModel(nn.Module):
 
         Args:
             batch: ``global`` (n_global*B, 3, G, G), ``local`` (n_local*B, 3, L, L) or None, ``masks``
-                (n_global*B, N) or None — crop-major.
+                (n_global*B, N) or None — crop-major; optionally ``student_global`` (n_global*B, 3, G, G), the
+                perturbed copies the student reads instead of ``global`` (robust views).
             teachers: Teacher outputs on the global crops.
             n_global: Global crops per image.
             teacher_temp: DINO/iBOT teacher temperature of this step.
@@ -58,14 +59,20 @@ class DistillModel(nn.Module):
             (total loss, {term: value}).
         """
         crops, masks, local = batch["global"], batch.get("masks"), batch.get("local")
+        # robust views: the student reads perturbed copies; EMA and expert targets keep the clean crops
+        student_crops = batch.get("student_global")
+        student_crops = crops if student_crops is None else student_crops
         ctx = LossContext(
-            student_global=self.embed(crops, masks),
+            student_global=self.embed(student_crops, masks),
             teachers=teachers,
             n_global=n_global,
             student_local=self.embed(local) if local is not None else None,
             masks=masks,
             teacher_temp=teacher_temp,
         )
+        if student_crops is not crops and any(t.needs_clean_student for t in self.loss.terms.values()):
+            with torch.no_grad():
+                ctx.student_clean = self.embed(crops)
         if ema is not None:
             with torch.no_grad():
                 ctx.ema_global = ema.embed(crops)

@@ -11,8 +11,6 @@ fit them. For a teacher that knows something, use the shipped ``multiteach-tiny`
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,9 +19,9 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.layers import resolve_layer_kwargs
 
 # Architecture kwargs of the tiny stand-ins, by family; each keeps its family's token layout traits.
@@ -120,32 +118,6 @@ def timm_config(
             "first_conv": "patch_embed.proj",
         },
     }
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def atomic_save_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Save tensors as safetensors via a temp file + rename (a crash never leaves a half file)."""
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def tiny_timm(family: str, seed: int = 0) -> tuple[nn.Module, str, dict[str, Any]]:

@@ -247,3 +247,66 @@ def build_student(
             raise
         raise _unexpected_kwarg_error(arch, err) from err
     return Student(model, arch, layer_kwargs_to_names(kwargs))
+
+
+def spread_blocks(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` teacher block indices spread evenly over ``range(n_teacher)``, first and last included."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def init_from_teacher(
+    student: Student, teacher_vit: nn.Module, blocks: Sequence[int] | None = None, name: str = "teacher"
+) -> list[int]:
+    """Copy a timm ViT teacher's patch embedding, prefix tokens, positional embedding, final norm and a subset
+    of its blocks into the student (DistilBERT's initialisation, Sanh et al. 2019), in place.
+
+    Args:
+        student: The student to initialise; its width, patch size and block layout must match the teacher's.
+        teacher_vit: The teacher's timm ``VisionTransformer``.
+        blocks: Teacher block index for each student block (default :func:`spread_blocks`).
+        name: The teacher's recipe name, for messages.
+
+    Returns:
+        The teacher blocks copied, in student order.
+
+    Raises:
+        MultiteachError: if the teacher is not a timm ViT, an index is out of range, the count differs from
+            the student's depth, or a tensor's shape differs (the message names the parameter).
+    """
+    if not isinstance(teacher_vit, VisionTransformer):
+        raise MultiteachError(
+            f"student.init_from: teacher {name!r} is a {type(teacher_vit).__name__}, not a timm VisionTransformer; "
+            "initialising from a teacher needs a timm-family teacher of the student's width"
+        )
+    n_teacher, n_student = len(teacher_vit.blocks), len(student.model.blocks)
+    blocks = spread_blocks(n_teacher, n_student) if blocks is None else [int(b) for b in blocks]
+    if len(blocks) != n_student or not all(0 <= b < n_teacher for b in blocks):
+        raise MultiteachError(
+            f"student.init_blocks: one index in [0, {n_teacher - 1}] per student block ({n_student}), got {blocks}"
+        )
+    source = teacher_vit.state_dict()
+    wanted = {}
+    for key in student.model.state_dict():
+        if key.startswith("blocks."):
+            i, rest = key[len("blocks.") :].split(".", 1)
+            wanted[key] = f"blocks.{blocks[int(i)]}.{rest}"
+        else:
+            wanted[key] = key
+    target = student.model.state_dict()
+    missing = [k for k, src in wanted.items() if src not in source]
+    if missing:
+        raise MultiteachError(
+            f"student.init_from: teacher {name!r} has no {', '.join(wanted[k] for k in missing[:3])} "
+            "(the student and teacher ViT layouts differ: registers, class token or norms)"
+        )
+    for key, src in wanted.items():
+        if source[src].shape != target[key].shape:
+            raise MultiteachError(
+                f"student.init_from: {key} is {tuple(target[key].shape)} in the student but {src} is "
+                f"{tuple(source[src].shape)} in teacher {name!r}; the student needs the teacher's width, patch "
+                "size and positional-embedding grid (student.img_size = the teacher's input size)"
+            )
+    student.model.load_state_dict({k: source[src].to(target[k].dtype) for k, src in wanted.items()})
+    return blocks

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from multiteach.atomic import atomic_write_text
 from multiteach.config import check_paths, load_recipe
 from multiteach.curves import term_names
 from multiteach.errors import MultiteachError, RunInterrupted
@@ -151,22 +152,20 @@ def _row(run_dir: Path, name: str, values: dict[str, str], planned: int) -> dict
 
 
 def _write_summary(root: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
-    from multiteach.standins import _atomic
-
     first = ["run", *keys, "status", "steps"]
     columns = first + sorted({c for r in rows for c in r} - set(first))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic(root / "summary.csv", lambda p: p.write_text(buf.getvalue()))
+    atomic_write_text(root / "summary.csv", buf.getvalue())
 
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    _atomic(root / "summary.md", lambda p: p.write_text("\n".join(md) + "\n"))
+    atomic_write_text(root / "summary.md", "\n".join(md) + "\n")
 
 
 def _plot_curves(root: Path, rows: list[dict[str, Any]], keys: Sequence[str] = ()) -> list[str]:

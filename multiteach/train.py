@@ -41,6 +41,7 @@ from multiteach.checkpoint import (
     shared_names,
 )
 from multiteach.curves import write_run_curves
+from multiteach.data.perturb import StrengthLog
 from multiteach.distributed import (
     block_class_names,
     check_strategy,
@@ -297,6 +298,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # "error" mode so that no rank waits for a peer that stopped)
     health = recipe.train.health_check if acc.is_main_process or recipe.train.health_check == "error" else "off"
     flat_terms = FlatTermWatch(mode=health)
+    strengths = StrengthLog()  # robust views: perturbation strengths per log window
     summary = RunSummary(steps, start, len(tiles.skipped))
     try:
         for batch in batches:
@@ -329,6 +331,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             micro_i += 1
             window_imgs += batch["global"].shape[0] // n_global
+            strengths.add(batch.get("robust"))
             if micro_i % accum:
                 continue
             # one optimiser step completed
@@ -349,6 +352,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
                     "weight_decay": wd,
                     "teacher_temp": temp,
                     "img_per_s": imgs / max(elapsed, 1e-9),
+                    **strengths.flush(),
                 }
                 record = {k: (float(v) if isinstance(v, float) else v) for k, v in record.items()}
                 if acc.is_main_process:

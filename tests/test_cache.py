@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import multiteach.build
-import multiteach.cache
+import multiteach.cache.key
 import multiteach.train
 from multiteach.build import build_teachers, multicrop_transform, tile_dataset
 from multiteach.cache import (
@@ -114,6 +114,7 @@ def test_training_from_the_cache_matches_the_live_teacher(tmp_path, monkeypatch)
 
     with monkeypatch.context() as m:
         m.setattr(multiteach.build, "build_teachers", no_teachers)
+        m.setattr(multiteach.cache.key, "build_teachers", no_teachers)  # open_cache hashes random-init teachers
         m.setattr(multiteach.train, "build_teachers", no_teachers)
         cached_run = train(recipe)
 
@@ -175,7 +176,7 @@ def test_random_init_teacher_is_keyed_by_its_state_dict(tmp_path):
     teachers = build_teachers(recipe, ["uni"])
     key = cache_key(recipe, tiles, teachers)
     assert len(key["teachers"]["uni"]["weights"]["state_dict"]) == 64
-    multiteach.cache._STATE_DICT_HASHES.clear()
+    multiteach.cache.key._STATE_DICT_HASHES.clear()
     assert cache_key(recipe, tiles) == key  # rebuilt with the recipe seed when not given
     torch.manual_seed(1)
     assert cache_key(recipe, tiles, build_teachers(recipe, ["uni"])) != key

@@ -16,11 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import multiteach.export as export
+import multiteach.publish.export as export
 from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
-from multiteach.export import (
+from multiteach.publish import (
     EXPORT_FILES,
     MASK_TOKEN_KEY,
     card_license,

@@ -10,7 +10,7 @@ import pytest
 
 from multiteach.cli import main
 from multiteach.errors import MultiteachError
-from multiteach.export import card_license, teacher_rows
+from multiteach.publish import card_license, teacher_rows
 from multiteach.teachers import CATALOG, resolve_spec
 from multiteach.teachers.base import TeacherSpec
 from multiteach.teachers.describe import unverified_facts

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.build import build_student_from
 from multiteach.config import load_recipe
 from multiteach.runs import STUDENT_PREFIX
-from multiteach.standins import atomic_save_safetensors, atomic_write_json, timm_config
+from multiteach.standins import timm_config
 from multiteach.teachers.shipped import shipped_dir, write_digests
 
 

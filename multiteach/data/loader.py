@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from multiteach.data.masking import sample_ibot_masks
 from multiteach.data.multicrop import MultiCropTransform, apply_view
+from multiteach.data.perturb import RobustViews
 from multiteach.data.tiles import TileDataset
 
 
@@ -41,10 +42,14 @@ class SeededMultiCrop(Dataset):
         cache: A :class:`multiteach.cache.FeatureCache`, or None. With a cache the global crops are the
             cached views (global crop ``c`` in ``epoch`` is view :func:`cached_view`), rebuilt exactly from
             their recorded parameters; local crops and masks are drawn as without a cache.
+        robust: ``data.robust_views``: the student's global views become perturbed copies of the clean ones
+            the teachers (and a cache) see, pixel-aligned; None for the same view on both sides.
 
     Returns (per item):
         ``{"global": [n_global x (3, G, G)], "local": [n_local x (3, L, L)], "masks"?: (n_global, h*w) bool}``
-        with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (2,) int64]`` (tile, view).
+        with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (2,) int64]`` (tile, view); with
+        ``robust`` also ``"student_global": [n_global x (3, G, G)]`` and ``"robust": [n_global x (5,)]``
+        (strength per perturbation in :data:`multiteach.data.perturb.ORDER`, 0 = not applied).
     """
 
     def __init__(
@@ -55,8 +60,10 @@ class SeededMultiCrop(Dataset):
         mask_grid: tuple[int, int] | None = None,
         masking: dict[str, Any] | None = None,
         cache: Any | None = None,
+        robust: RobustViews | None = None,
     ) -> None:
         self.tiles = tiles
+        self.robust = robust
         self.transform = transform
         self.seed = seed
         self.mask_grid = mask_grid
@@ -84,6 +91,11 @@ class SeededMultiCrop(Dataset):
             out["masks"] = sample_ibot_masks(
                 n_global, self.mask_grid, self.masking["probability"], tuple(self.masking["ratio"]), generator=g
             )
+        if self.robust is not None:  # drawn last, so the switch leaves every other draw unchanged
+            drawn = [self.robust.sample(g) for _ in range(n_global)]
+            with _one_thread():
+                out["student_global"] = [p.apply(v) for p, v in zip(drawn, out["global"], strict=True)]
+            out["robust"] = [torch.tensor(list(p.strengths().values()), dtype=torch.float32) for p in drawn]
         return out
 
 

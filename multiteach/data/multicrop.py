@@ -202,7 +202,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
     Returns:
         ``global`` (n_global*B, 3, G, G); ``local`` (n_local*B, 3, L, L) or None; and when present
         ``masks`` (n_global*B, N) bool, ``labels`` (B,) long, ``params`` (B lists of ViewParams),
-        ``cache_keys`` (n_global*B, 2) long (tile, cached view) when training from a feature cache.
+        ``cache_keys`` (n_global*B, 2) long (tile, cached view) when training from a feature cache;
+        ``student_global`` (n_global*B, 3, G, G) and ``robust`` (n_global*B, 5) with robust views.
     """
     if not samples:
         raise MultiteachError("collate_multicrop got an empty batch.")
@@ -212,8 +213,9 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
     out["local"] = _crop_major([v.get("local", []) for v in views])
     if "masks" in views[0]:
         out["masks"] = _crop_major([v["masks"] for v in views])
-    if "cache_keys" in views[0]:
-        out["cache_keys"] = _crop_major([v["cache_keys"] for v in views])
+    for key in ("cache_keys", "student_global", "robust"):
+        if key in views[0]:
+            out[key] = _crop_major([v[key] for v in views])
     if "params" in views[0]:
         out["params"] = [v["params"] for v in views]
     if labelled:

@@ -25,17 +25,15 @@ batch for users without matched pairs; :func:`evaluate_perturbations` scores an 
 from __future__ import annotations
 
 import functools
-import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from multiteach.data.augment import gaussian_blur, hed_jitter
+from multiteach.data.perturb import blur, check_images, hed_shift, jpeg_compress, scanner_colour
 from multiteach.errors import MultiteachError
 from multiteach.eval.knn import as_features, as_labels, check_classes, check_same_dim
 
@@ -217,76 +215,6 @@ def robustness_index(
 
 
 # --------------------------------------------------------------------------- perturbations
-def _check_images(x: Tensor) -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise MultiteachError("Perturbations take float image tensors in [0, 1] of shape (B, 3, H, W) or (3, H, W).")
-    if x.ndim not in (3, 4) or x.shape[-3] != 3 or x.numel() == 0:
-        raise MultiteachError(f"Expected images of shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}.")
-    return x
-
-
-def hed_shift(x: Tensor, scale: Sequence[float], shift: Sequence[float]) -> Tensor:
-    """Fixed stain shift in HED space: each stain channel ``s -> s * scale + shift``.
-
-    Uses :func:`multiteach.data.augment.hed_jitter` (Ruifrok-Johnston stain vectors, as skimage).
-
-    Args:
-        x: RGB in [0, 1], (B, 3, H, W) or (3, H, W).
-        scale: Per-stain (H, E, D) factors, 3 floats.
-        shift: Per-stain (H, E, D) offsets, 3 floats.
-
-    Returns:
-        RGB in [0, 1], same shape and dtype as ``x``.
-    """
-    return hed_jitter(_check_images(x), scale, shift)
-
-
-def jpeg_compress(x: Tensor, quality: int, subsampling: int = 2) -> Tensor:
-    """Re-encode each image as JPEG with PIL at ``quality`` and decode it again.
-
-    The image is first quantised to 8 bits (as any stored tile is).
-
-    Args:
-        x: RGB in [0, 1], (B, 3, H, W) or (3, H, W).
-        quality: JPEG quality, 1..100.
-        subsampling: PIL chroma subsampling: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0 (the usual default).
-
-    Returns:
-        RGB in [0, 1], same shape and dtype as ``x``.
-    """
-    x = _check_images(x)
-    if not 1 <= int(quality) <= 100:
-        raise MultiteachError(f"JPEG quality must be in 1..100, got {quality}.")
-    batch = x.reshape(-1, *x.shape[-3:])
-    u8 = (batch.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for img in u8:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), subsampling=int(subsampling))
-        buf.seek(0)
-        with Image.open(buf) as decoded:
-            out.append(np.asarray(decoded.convert("RGB")))
-    y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype) / 255.0
-    return y.reshape(x.shape)
-
-
-def blur(x: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur (defocus) with std ``sigma`` pixels, kernel ``2*ceil(3*sigma) + 1``.
-
-    Uses :func:`multiteach.data.augment.gaussian_blur` (torchvision ``gaussian_blur`` on tensors).
-
-    Args:
-        x: RGB in [0, 1], (B, 3, H, W) or (3, H, W).
-        sigma: Blur std in pixels (> 0).
-
-    Returns:
-        Blurred RGB in [0, 1], same shape as ``x``.
-    """
-    if sigma <= 0:
-        raise MultiteachError(f"Blur sigma must be > 0, got {sigma}.")
-    return gaussian_blur(_check_images(x), float(sigma))
-
-
 #: Illustrative scanner colour profiles (not calibrated to real devices): a display gamma applied to
 #: every channel, then a 3 x 3 channel-mixing gain matrix (rows: output R, G, B). "warm" lifts
 #: mid-tones and shifts towards red/yellow; "cool" darkens mid-tones and shifts towards blue.
@@ -294,27 +222,6 @@ SCANNER_PROFILES: dict[str, tuple[float, tuple[tuple[float, float, float], ...]]
     "warm": (0.9, ((1.06, 0.03, 0.00), (0.02, 0.98, 0.00), (0.00, 0.02, 0.92))),
     "cool": (1.1, ((0.94, 0.00, 0.02), (0.00, 1.00, 0.03), (0.02, 0.03, 1.06))),
 }
-
-
-def scanner_colour(x: Tensor, gamma: float, matrix: Sequence[Sequence[float]]) -> Tensor:
-    """Scanner-like colour transform: ``clamp(M @ x**gamma, 0, 1)`` per pixel.
-
-    Args:
-        x: RGB in [0, 1], (B, 3, H, W) or (3, H, W).
-        gamma: Exponent applied to each channel (> 0; < 1 brightens mid-tones).
-        matrix: 3 x 3 gain matrix mixing the gamma-corrected (R, G, B) into the output channels.
-
-    Returns:
-        RGB in [0, 1], same shape and dtype as ``x``.
-    """
-    x = _check_images(x)
-    if gamma <= 0:
-        raise MultiteachError(f"gamma must be > 0, got {gamma}.")
-    m = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)
-    if m.shape != (3, 3):
-        raise MultiteachError(f"The colour matrix must be 3 x 3, got shape {tuple(m.shape)}.")
-    y = torch.einsum("dc,...chw->...dhw", m, x.clamp(0, 1) ** gamma)
-    return y.clamp_(0.0, 1.0)
 
 
 def perturbation_suite(seed: int = 0) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -374,7 +281,7 @@ def evaluate_perturbations(
     Returns:
         ``{perturbation: {"cosine": float, "top1": float, ...}}``.
     """
-    images = _check_images(images)
+    images = check_images(images)
     if images.ndim != 4 or images.shape[0] < 2:
         raise MultiteachError(f"evaluate_perturbations needs a batch of at least 2 images, got {tuple(images.shape)}.")
     suite = perturbation_suite(0) if suite is None else suite

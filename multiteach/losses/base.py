@@ -44,6 +44,8 @@ class LossContext:
         masks: Bool (n_global * B, N) iBOT masks applied to the student's global crops, or None.
         teacher_temp: Teacher softmax temperature of this step (DINO/iBOT).
         heads: Per-teacher projection heads (set by :class:`CompositeLoss`).
+        student_clean: The student (no grad) on the clean global crops when it reads perturbed copies
+            (``data.robust_views``) and a term asks for it (``needs_clean_student``), else None.
     """
 
     student_global: TeacherOutput
@@ -55,6 +57,7 @@ class LossContext:
     masks: torch.Tensor | None = None
     teacher_temp: float = 0.07
     heads: ProjectionHeads | None = None
+    student_clean: TeacherOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class LossTerm(nn.Module):
 
     allowed_keys: tuple[str, ...] = ()
     teacher: str | None = None
+    #: Set by terms that compare the student's perturbed view with its own clean view (robust views).
+    needs_clean_student: bool = False
 
     def __init__(self, name: str, weight: float) -> None:
         super().__init__()

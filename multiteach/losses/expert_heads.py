@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from multiteach.atomic import atomic_save_safetensors
 from multiteach.heads import DINOHead
 from multiteach.losses.dino import DINOLoss
 from multiteach.teachers.weights import assign_state_dict
@@ -78,8 +79,6 @@ def fit_expert_head(
 
 def save_head(head: DINOHead, path: str | Path) -> Path:
     """Save a head as safetensors (what a term's ``target_heads:`` loads)."""
-    from multiteach.standins import atomic_save_safetensors
-
     path = Path(path)
     atomic_save_safetensors(path, head.state_dict())
     return path

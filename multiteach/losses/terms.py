@@ -393,3 +393,39 @@ class KoLeoTerm(LossTerm):
         """Sum over global crops of KoLeo within the crop's batch."""
         chunks = ctx.student_global.summary.float().chunk(ctx.n_global)
         return sum(koleo(c, self.eps) for c in chunks)
+
+
+@LOSSES.register("invariance")
+class InvarianceTerm(LossTerm):
+    """Stain/scanner invariance: the student's embedding of its perturbed view agrees with its own embedding of
+    the clean view (``data.robust_views``), ``1 - cos`` with the clean branch detached.
+
+    This is the clean-vs-augmented consistency of UDA (Xie et al. 2020) and AugMix (Hendrycks et al. 2020),
+    with stop-gradient on the clean side as in UDA, applied to the perturbations H&E augmentation studies
+    single out (Tellez et al. 2019: HED stain and scanner colour shifts). The distillation terms already pull
+    perturbed-student features towards the clean teacher; this term adds invariance in the student's own space.
+    It needs ``data.robust_views`` (without it both branches see the same pixels).
+
+    Shapes:
+        student_global.summary (n_global * B, D) and student_clean.summary (same) -> scalar; with
+        ``on: patch``, patch tokens (n_global * B, N, D), averaged over tokens.
+    """
+
+    allowed_keys = ("on",)
+    needs_clean_student = True
+
+    def __init__(self, name: str, weight: float, on: str = "summary") -> None:
+        super().__init__(name, weight)
+        self.on = _choice(name, "on", on, TARGETS)
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        """Mean of ``1 - cos(perturbed, clean.detach())``."""
+        if ctx.student_clean is None:
+            raise MultiteachError(
+                f"losses.{self.name}: type 'invariance' needs data.robust_views (clean + perturbed views)"
+            )
+        if self.on == "summary":
+            a, b = ctx.student_global.summary, ctx.student_clean.summary
+        else:
+            a, b = ctx.student_global.patch_tokens, ctx.student_clean.patch_tokens
+        return (1.0 - torch.nn.functional.cosine_similarity(a.float(), b.detach().float(), dim=-1)).mean()
