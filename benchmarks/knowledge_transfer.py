@@ -63,15 +63,18 @@ def training_tiles(shared: Path, out: Path) -> list[str]:
     return folders
 
 
-def distil(shared: Path, out: Path, steps: int | None) -> tuple[Path, float]:
-    """Train the `distill_tiny` recipe on the teacher's pretraining tiles; return (run dir, wall minutes)."""
+def distil(
+    shared: Path, out: Path, steps: int | None, recipe: str = "distill_tiny", run: str = "run"
+) -> tuple[Path, float]:
+    """Train a built-in recipe (default `distill_tiny`) on the teacher's pretraining tiles into ``out/run``;
+    return (run dir, wall minutes)."""
     from multiteach.train import train
 
-    overrides = [f"data.train=[{','.join(training_tiles(shared, out))}]", f"output_dir={out / 'run'}"]
+    overrides = [f"data.train=[{','.join(training_tiles(shared, out))}]", f"output_dir={out / run}"]
     if steps:
         overrides.append(f"schedule.steps={steps}")
     t0 = time.perf_counter()
-    run_dir = train(load_recipe("distill_tiny", overrides))
+    run_dir = train(load_recipe(recipe, overrides))
     return run_dir, (time.perf_counter() - t0) / 60
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from multiteach.config import path_rule
 from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop, worker_init
 from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
 from multiteach.data.perturb import RobustViews
@@ -66,8 +67,6 @@ def spec_overrides(cfg: Any) -> dict[str, Any]:
 
 def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[str, Teacher]:
     """Load the named teachers of the recipe (frozen, on ``device``)."""
-    from multiteach.config import path_rule
-
     teachers = {}
     for name in names:
         cfg = recipe.teachers[name]
@@ -156,8 +155,6 @@ def tile_dataset(recipe: Any) -> TileDataset:
     sources = recipe.data.train if isinstance(recipe.data.train, (list, tuple)) else [recipe.data.train]
     if not sources or sources == [None]:
         raise MultiteachError("data.train: no training tiles configured; set a folder or a list file")
-    from multiteach.config import path_rule
-
     paths: list[Path] = []
     for i, src in enumerate(sources):
         p = Path(src).expanduser()

@@ -310,6 +310,12 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("models", nargs="+", metavar="MODEL", help="run directory, exported student folder or teacher name")
     p.add_argument("--data", required=True, metavar="DIR", help="labelled folder: <class>/ or train/ + test/ of them")
     p.add_argument("--robustness", metavar="DIR", help="images for the perturbation robustness metrics")
+    p.add_argument(
+        "--perturbations",
+        default="standard",
+        choices=("standard", "heldout"),
+        help="robustness suite: standard, or heldout (severities beyond the robust-view training ranges)",
+    )
     p.add_argument("--out", default="eval-results", metavar="DIR", help="output folder (default eval-results)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
     p.add_argument(
@@ -363,6 +369,7 @@ def _eval(p: argparse.ArgumentParser):
             args.models,
             args.data,
             robustness_images=args.robustness,
+            perturbations=args.perturbations,
             groups=None if args.no_groups else "auto",
             k=args.k,
             seed=args.seed,

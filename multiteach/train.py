@@ -1,4 +1,4 @@
-"""THE training loop, top to bottom. The only module that touches Accelerate.
+"""THE training loop, top to bottom. With its engine (:mod:`multiteach.engine`), the only code that touches Accelerate.
 
 One command on one CPU, one GPU, many GPUs or many nodes:
 
@@ -10,6 +10,11 @@ One command on one CPU, one GPU, many GPUs or many nodes:
 really start two gloo processes.) Re-running the same command into the same run directory resumes from
 its last complete checkpoint. ``train.distributed.strategy`` picks DDP (default), FSDP2 or DeepSpeed; the
 last two need CUDA and are refused elsewhere (``examples/multinode/README.md``).
+
+:func:`train` reads as set-up, the loop, the end. Its helpers: the run-directory checks (:func:`_resume_from`,
+:func:`_start_run_dir`), the per-step hyper-parameters (:func:`_step_hparams`), the per-step record
+(:class:`multiteach.step_log.StepLog`) and the checkpoint/stop handling (:func:`_checkpoint_or_stop`);
+Accelerate's plugins, sharded optimiser state and checkpoint writing live in :mod:`multiteach.engine`.
 """
 
 from __future__ import annotations
@@ -21,43 +26,34 @@ import os
 import signal
 import sys
 import threading
-import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, tile_dataset
 from multiteach.cache import open_cache, uses_cache
-from multiteach.checkpoint import (
-    CHECKPOINTS,
-    latest_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    save_checkpoint,
-    shared_names,
-)
-from multiteach.curves import write_run_curves
-from multiteach.data.perturb import StrengthLog
-from multiteach.distributed import (
-    block_class_names,
-    check_strategy,
-    full_optimizer_state_dict,
-    full_tensor,
-    load_full_optimizer_state_dict,
-)
+from multiteach.checkpoint import latest_checkpoint, load_checkpoint
+from multiteach.config import save_resolved
+from multiteach.distributed import check_strategy
 from multiteach.ema import EMA
+from multiteach.engine import (
+    check_ranks_agree,
+    configure_engine,
+    engine_plugins,
+    fresh_accelerator_state,
+    restore_sharded_optimizer,
+    write_checkpoint,
+)
 from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.hardware import resolve_precision
-from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
 from multiteach.losses import active_teachers
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
-from multiteach.run_summary import RunSummary
-from multiteach.run_summary import render as render_summary
 from multiteach.schedules import cosine, linear_warmup
+from multiteach.seeding import seed_everything
+from multiteach.step_log import StepLog
 from multiteach.teachers.doctor import preflight
 from multiteach.threads import choose_threads
 
@@ -136,14 +132,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: floa
 
 
 def _set_hparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Set each group's LR (``lr`` times its layer-decay ``lr_scale``) and weight decay (``wd``, or 0 for
+    the no-decay groups)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
         g["weight_decay"] = wd if g["decay"] else 0.0
-
-
-def _first_bad_term(values: dict[str, torch.Tensor]) -> str:
-    bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
-    return ", ".join(bad) if bad else "the weighted sum"
 
 
 def train(recipe: Any, resume: bool | None = None, stop: StopRequest | None = None) -> Path:
@@ -172,44 +165,20 @@ def train(recipe: Any, resume: bool | None = None, stop: StopRequest | None = No
 
 
 def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
-    """:func:`train` with its stop flag in place."""
+    """:func:`train` with its stop flag in place: set-up, the loop, the end."""
     n_threads, threads_from = choose_threads(recipe.train.threads)
     torch.set_num_threads(n_threads)
     # fsdp/deepspeed where Accelerate cannot shard (no CUDA) are refused before anything is built.
     strategy = recipe.train.distributed.strategy
     check_strategy(recipe.train.distributed)
-    # cpu=True on a machine without GPUs: Accelerate only forms a gloo process group (torchrun, accelerate
-    # launch --multi_gpu) when told it runs on CPU; otherwise every process would train alone, silently.
-    _fresh_accelerator_state()
-    acc = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=resolve_precision(recipe.train.precision),
-        log_with=recipe.train.trackers or None,
-        project_dir=recipe.output_dir,
-        gradient_accumulation_steps=recipe.optim.grad_accum,
-        **_engine_plugins(recipe),
-    )
+    acc = _accelerator(recipe)
     world, rank = acc.num_processes, acc.process_index
     micro = check_batch_split(recipe, world)
     run_dir = Path(recipe.output_dir)
-    logging.basicConfig(
-        level=logging.INFO if acc.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
 
     # --- 1. the run directory: refuse a different recipe, find where to resume ----------------------
     digest = recipe_hash(recipe)
-    last = latest_checkpoint(run_dir)
-    if last is not None:
-        saved = json.loads((last / "state.json").read_text())
-        if saved.get("recipe_hash") != digest:
-            raise MultiteachError(
-                f"{run_dir} holds a run of a different recipe (checkpoint {last.name}); choose another "
-                "output_dir, or delete the old checkpoints to start over"
-            )
-        if resume is False:
-            raise MultiteachError(f"{run_dir} already has checkpoints; pass --resume or use a new output_dir")
-    elif resume:
-        raise MultiteachError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    last = _resume_from(run_dir, digest, resume)
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
     tiles = tile_dataset(recipe)
@@ -217,7 +186,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     cache = open_cache(recipe.cache.dir, recipe, tile_paths=tiles.paths) if uses_cache(recipe) else None
     if cache is None:  # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
         preflight(recipe, active_teachers(recipe.active_losses()))
-    set_seed(recipe.seed)
+    seed_everything(recipe.seed)
     comps = build_components(recipe, cache=cache)
     model, teachers = comps.model, comps.teachers
     ema = EMA(model) if (model.needs_ema() or recipe.train.keep_ema) else None
@@ -227,55 +196,22 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
         betas=tuple(recipe.optim.betas),
     )
     state: dict[str, Any] = {"step": 0, "images": 0, "rng": None}
-    if last is not None:  # a sharded optimiser loads its state after prepare (_restore_sharded_optimizer)
+    if last is not None:  # a sharded optimiser loads its state after prepare (restore_sharded_optimizer)
         state = load_checkpoint(last, model, ema.module if ema else None, optimizer if strategy == "ddp" else None)
         log.info("resuming from %s (step %d)", last, state["step"])
     start = state["step"]
-    if last is None:  # expert DINO/iBOT heads that are not public are fitted once, before training
-        needed = list(dict.fromkeys(t.teacher for t in terms_needing_heads(model.loss)))
-        fitted = fit_missing_heads(
-            model.loss,
-            build_teachers(recipe, needed) if cache is not None and needed else teachers,
-            lambda: data_loader(recipe, tiles, model.student, 0, 1, 0),
-            recipe.seed,
-        )
-        state["fitted_expert_heads"] = fitted
-    else:
-        for term in terms_needing_heads(model.loss):
-            term.target_ready = True  # restored from the checkpoint with the rest of the model
+    _expert_heads(recipe, model, teachers, cache, tiles, state, resumed=last is not None)
     file_log: logging.Handler | None = None
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file_log = _log_to_file(run_dir / "train.log")
-        if state.get("fitted_expert_heads"):
-            (run_dir / "expert_heads.json").write_text(json.dumps({"fitted": state["fitted_expert_heads"]}))
-            log.warning("fitted expert heads (not the teacher's own): %s", ", ".join(state["fitted_expert_heads"]))
-        from multiteach.config import save_resolved
-
-        save_resolved(recipe, run_dir)
-        log.info(
-            "%s | student %s (%.2fM params) | teachers: %s",
-            model.loss,
-            recipe.student.arch,
-            sum(p.numel() for p in model.student.parameters()) / 1e6,
-            ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
-        )
-        log.info("intra-op threads per process: %d (%s)", n_threads, threads_from)
-        (run_dir / "data.json").write_text(
-            json.dumps(
-                {"tiles": len(tiles), "source": tiles.source, "skipped": [str(p) for p in tiles.skipped]}, indent=2
-            )
-        )
-        if tiles.skipped:
-            log.warning("skipped %d unreadable image(s) in %s (listed in data.json)", len(tiles.skipped), tiles.source)
+        file_log = _start_run_dir(recipe, run_dir, model, teachers, cache, tiles, state, (n_threads, threads_from))
 
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
     if recipe.train.compile:
         model = torch.compile(model)
-    _configure_engine(acc, model, micro)
+    configure_engine(acc, model, micro)
     model, optimizer = acc.prepare(model, optimizer)
     if last is not None and strategy != "ddp":
-        _restore_sharded_optimizer(acc, model, optimizer, last, strategy)
+        restore_sharded_optimizer(acc, model, optimizer, last, strategy)
     for t in teachers.values():
         t.to(acc.device)
     if ema is not None:
@@ -289,104 +225,53 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
 
     # --- 4. the loop ----------------------------------------------------------------------------------
     steps, accum, n_global = recipe.schedule.steps, recipe.optim.grad_accum, recipe.data.global_crops.n
-    o, sch = recipe.optim, recipe.schedule
-    stopped_by = 0
-    metrics_file = run_dir / "metrics.jsonl"
-    bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc=recipe.name, unit="step")
-    step, micro_i, window_t, window_imgs = start, 0, time.perf_counter(), 0
-    # dead teachers / standardisers / flat terms: warned about by the main process (every rank raises in
-    # "error" mode so that no rank waits for a peer that stopped)
-    health = recipe.train.health_check if acc.is_main_process or recipe.train.health_check == "error" else "off"
-    flat_terms = FlatTermWatch(mode=health)
-    strengths = StrengthLog()  # robust views: perturbation strengths per log window
-    summary = RunSummary(steps, start, len(tiles.skipped))
+    tracker_log = acc.log if recipe.train.trackers else None
+    book = StepLog(recipe, run_dir, unwrapped.loss, start, len(tiles.skipped), world, acc.is_main_process, tracker_log)
+    ema_momentum = recipe.schedule.ema_momentum
+
+    def save(at: int) -> None:  # a checkpoint of optimiser step ``at``
+        write_checkpoint(acc, run_dir, at, unwrapped, ema, optimizer, digest, micro * world * accum, strategy)
+
+    step, micro_i, stopped_by = start, 0, 0
     try:
         for batch in batches:
-            lr = cosine(step, steps, o.lr, o.min_lr, o.warmup_steps)
-            wd = cosine(
-                step, steps, o.weight_decay, o.weight_decay_end if o.weight_decay_end is not None else o.weight_decay
-            )
-            temp = linear_warmup(step, sch.teacher_temp.start, sch.teacher_temp.end, sch.teacher_temp.warmup_steps)
-            _set_hparams(optimizer, lr, wd)
+            hp = _step_hparams(recipe, step, optimizer)
             batch = {k: (v.to(acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if cache is not None:  # read per batch: the cached views of this batch's global crops
-                targets = cache.targets(batch["cache_keys"], acc.device)
-            else:
-                with torch.no_grad():
-                    targets = {name: t(batch["global"]).as_target() for name, t in teachers.items()}
+            targets = _targets(batch, cache, teachers, acc.device)
             if micro_i == 0:
-                summary.warnings += check_teacher_outputs(targets, health)
+                book.check_targets(targets)
             with acc.accumulate(model):
-                total, values = model(batch, targets, n_global, temp, ema.module if ema else None)
-                bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
-                if bad.item() > 0:
-                    raise MultiteachError(
-                        f"non-finite loss at step {step} (term: {_first_bad_term(values)}); stopped. The last good "
-                        f"checkpoint in {run_dir / 'checkpoints'} is kept; lower optim.lr or check the inputs"
-                    )
+                total, values = model(batch, targets, n_global, hp.teacher_temp, ema.module if ema else None)
+                _stop_if_not_finite(acc, total, values, step, run_dir)
                 acc.backward(total)
-                if acc.sync_gradients and o.clip_grad:
-                    acc.clip_grad_norm_(model.parameters(), o.clip_grad)
+                if acc.sync_gradients and recipe.optim.clip_grad:
+                    acc.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_i += 1
-            window_imgs += batch["global"].shape[0] // n_global
-            strengths.add(batch.get("robust"))
+            book.add_micro_batch(batch, n_global)
             if micro_i % accum:
                 continue
-            # one optimiser step completed
-            step += 1
+            step += 1  # one optimiser step completed
             if step == start + 1:
-                summary.warnings += check_standardizers(unwrapped.loss, health)
+                book.check_standardizers(unwrapped.loss)
             if ema is not None:
-                ema.update(unwrapped, cosine(step, steps, sch.ema_momentum.start, sch.ema_momentum.end))
-            bar.update(1)
-            if step % recipe.train.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - window_t
-                imgs = window_imgs * world
-                record = {
-                    "step": step,
-                    "loss": total.item(),
-                    **{k: v.item() for k, v in values.items()},
-                    "lr": lr,
-                    "weight_decay": wd,
-                    "teacher_temp": temp,
-                    "img_per_s": imgs / max(elapsed, 1e-9),
-                    **strengths.flush(),
-                }
-                record = {k: (float(v) if isinstance(v, float) else v) for k, v in record.items()}
-                if acc.is_main_process:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(_largest_terms(unwrapped.loss, record), img_s=f"{record['img_per_s']:.1f}")
-                summary.warnings += flat_terms.update({k: record[k] for k in values}, step)
-                summary.record({"loss": record["loss"], **{k: record[k] for k in values}}, imgs)
-                if recipe.train.trackers:
-                    acc.log(record, step=step)
-                window_t, window_imgs = time.perf_counter(), 0
-            stopped_by = _agreed_stop(acc, stop)
-            if step % recipe.train.checkpoint_every == 0 or step == steps or stopped_by:
-                _checkpoint(acc, run_dir, step, unwrapped, ema, optimizer, digest, micro * world * accum, strategy)
+                ema.update(unwrapped, cosine(step, steps, ema_momentum.start, ema_momentum.end))
+            book.step(step, total, values, hp._asdict())
+            stopped_by = _checkpoint_or_stop(acc, stop, recipe, step, save)
             if stopped_by:
-                log.warning(
-                    "%sstop requested (%s): checkpoint written at step %d of %d; re-run the same command to resume",
-                    f"rank {rank}: " if world > 1 else "",
-                    signal.Signals(stopped_by).name,
-                    step,
-                    steps,
-                )
                 break
         if acc.is_main_process:
-            done = summary.finish(run_dir, step, signal.Signals(stopped_by).name if stopped_by else None)
-            log.info("summary (also in summary.json):\n%s", render_summary(done))
-            write_run_curves(run_dir)
+            book.finish(run_dir, step, stopped_by)
     finally:
-        bar.close()
+        book.close()
         del batches  # shuts the DataLoader workers down now, not when a traceback lets go of this frame
         if file_log is not None:
             logging.getLogger("multiteach").removeHandler(file_log)
             file_log.close()
-    _check_ranks_agree(acc, unwrapped, run_dir)
+
+    # --- 5. the end: every rank holds the same weights; a stopped run says where it stopped ----------
+    check_ranks_agree(acc, unwrapped, run_dir)
     acc.wait_for_everyone()
     acc.end_training()
     if stopped_by and step < steps:
@@ -394,150 +279,189 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     return run_dir
 
 
-def _largest_terms(loss: Any, record: dict[str, Any], n: int = 3) -> dict[str, str]:
-    """Progress-bar postfix: the total and the ``n`` terms with the largest weighted values."""
-    weighted = {k: abs(loss.term(k).weight * record[k]) for k in loss.names if k in record}
-    top = sorted(weighted, key=weighted.get, reverse=True)[:n]
-    return {"loss": f"{record['loss']:.4f}", **{k: f"{record[k]:.4f}" for k in top}}
+def _accelerator(recipe: Any) -> Accelerator:
+    """The run's Accelerator (precision, trackers, gradient accumulation, the strategy's plugins); this
+    process logs at INFO when it is the main one, at WARNING otherwise."""
+    # cpu=True on a machine without GPUs: Accelerate only forms a gloo process group (torchrun, accelerate
+    # launch --multi_gpu) when told it runs on CPU; otherwise every process would train alone, silently.
+    fresh_accelerator_state()
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_precision(recipe.train.precision),
+        log_with=recipe.train.trackers or None,
+        project_dir=recipe.output_dir,
+        gradient_accumulation_steps=recipe.optim.grad_accum,
+        **engine_plugins(recipe),
+    )
+    logging.basicConfig(
+        level=logging.INFO if acc.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    return acc
+
+
+def _resume_from(run_dir: Path, digest: str, resume: bool | None) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), after checking the run directory holds this recipe.
+
+    Args:
+        run_dir: The recipe's ``output_dir``.
+        digest: :func:`recipe_hash` of the recipe.
+        resume: As :func:`train`'s ``resume``.
+
+    Raises:
+        MultiteachError: the directory holds a run of another recipe; ``resume=False`` and it holds
+            checkpoints; ``resume=True`` and it holds none.
+    """
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        saved = json.loads((last / "state.json").read_text())
+        if saved.get("recipe_hash") != digest:
+            raise MultiteachError(
+                f"{run_dir} holds a run of a different recipe (checkpoint {last.name}); choose another "
+                "output_dir, or delete the old checkpoints to start over"
+            )
+        if resume is False:
+            raise MultiteachError(f"{run_dir} already has checkpoints; pass --resume or use a new output_dir")
+    elif resume:
+        raise MultiteachError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    return last
+
+
+def _expert_heads(
+    recipe: Any, model: Any, teachers: Mapping[str, Any], cache: Any, tiles: Any, state: dict[str, Any], resumed: bool
+) -> None:
+    """Expert DINO/iBOT heads that are not public: fitted once, before training (their names go to
+    ``state["fitted_expert_heads"]``); a resumed run has them from its checkpoint with the rest of the model."""
+    if not resumed:
+        needed = list(dict.fromkeys(t.teacher for t in terms_needing_heads(model.loss)))
+        state["fitted_expert_heads"] = fit_missing_heads(
+            model.loss,
+            build_teachers(recipe, needed) if cache is not None and needed else teachers,
+            lambda: data_loader(recipe, tiles, model.student, 0, 1, 0),
+            recipe.seed,
+        )
+    else:
+        for term in terms_needing_heads(model.loss):
+            term.target_ready = True  # restored from the checkpoint with the rest of the model
+
+
+def _start_run_dir(
+    recipe: Any,
+    run_dir: Path,
+    model: Any,
+    teachers: Mapping[str, Any],
+    cache: Any,
+    tiles: Any,
+    state: dict[str, Any],
+    threads: tuple[int, str],
+) -> logging.Handler:
+    """Main process: create the run directory, log to its ``train.log`` (appending across resumes), write
+    ``recipe.yaml``, ``data.json`` and (fitted heads) ``expert_heads.json``, and log what is trained.
+
+    Returns:
+        The ``train.log`` handler on the ``multiteach`` logger (the caller removes and closes it).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("multiteach")
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    root.addHandler(file_log)
+    root.setLevel(logging.INFO)
+    if state.get("fitted_expert_heads"):
+        (run_dir / "expert_heads.json").write_text(json.dumps({"fitted": state["fitted_expert_heads"]}))
+        log.warning("fitted expert heads (not the teacher's own): %s", ", ".join(state["fitted_expert_heads"]))
+    save_resolved(recipe, run_dir)
+    log.info(
+        "%s | student %s (%.2fM params) | teachers: %s",
+        model.loss,
+        recipe.student.arch,
+        sum(p.numel() for p in model.student.parameters()) / 1e6,
+        ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
+    )
+    log.info("intra-op threads per process: %d (%s)", *threads)
+    (run_dir / "data.json").write_text(
+        json.dumps({"tiles": len(tiles), "source": tiles.source, "skipped": [str(p) for p in tiles.skipped]}, indent=2)
+    )
+    if tiles.skipped:
+        log.warning("skipped %d unreadable image(s) in %s (listed in data.json)", len(tiles.skipped), tiles.source)
+    return file_log
+
+
+class StepHParams(NamedTuple):
+    """One step's scheduled hyper-parameters (the field names are metrics.jsonl keys)."""
+
+    lr: float
+    weight_decay: float
+    teacher_temp: float
+
+
+def _step_hparams(recipe: Any, step: int, optimizer: torch.optim.Optimizer) -> StepHParams:
+    """Schedule ``step``'s LR (warm-up, cosine), weight decay (cosine) and DINO teacher temperature (warm-up),
+    and set the first two on every parameter group of ``optimizer``."""
+    o, sch = recipe.optim, recipe.schedule
+    wd_end = o.weight_decay_end if o.weight_decay_end is not None else o.weight_decay
+    hp = StepHParams(
+        lr=cosine(step, sch.steps, o.lr, o.min_lr, o.warmup_steps),
+        weight_decay=cosine(step, sch.steps, o.weight_decay, wd_end),
+        teacher_temp=linear_warmup(step, sch.teacher_temp.start, sch.teacher_temp.end, sch.teacher_temp.warmup_steps),
+    )
+    _set_hparams(optimizer, hp.lr, hp.weight_decay)
+    return hp
+
+
+def _targets(batch: Mapping[str, Any], cache: Any, teachers: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The teachers' targets for the batch's global crops ``batch["global"]`` (n_global * B, 3, G, G): read
+    from the feature cache (the cached views of this batch, by ``batch["cache_keys"]``) or computed live."""
+    if cache is not None:
+        return cache.targets(batch["cache_keys"], device)
+    with torch.no_grad():
+        return {name: t(batch["global"]).as_target() for name, t in teachers.items()}
+
+
+def _stop_if_not_finite(
+    acc: Accelerator, total: torch.Tensor, values: Mapping[str, torch.Tensor], step: int, run_dir: Path
+) -> None:
+    """Stop every rank when any rank's loss ``total`` (shape ()) is not finite, naming the bad term(s).
+
+    Raises:
+        MultiteachError: the loss is NaN/inf on some rank (the last good checkpoint is kept).
+    """
+    bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=acc.device), "sum")
+    if bad.item() > 0:
+        terms = ", ".join(n for n, v in values.items() if not torch.isfinite(v).all()) or "the weighted sum"
+        raise MultiteachError(
+            f"non-finite loss at step {step} (term: {terms}); stopped. The last good "
+            f"checkpoint in {run_dir / 'checkpoints'} is kept; lower optim.lr or check the inputs"
+        )
+
+
+def _checkpoint_or_stop(
+    acc: Accelerator, stop: StopRequest, recipe: Any, step: int, save: Callable[[int], None]
+) -> int:
+    """After optimiser step ``step``: agree on a stop across ranks, then ``save(step)`` when a checkpoint is
+    due (``train.checkpoint_every``, the last step, or a stop).
+
+    Returns:
+        The agreed stop signal's number (0: carry on).
+    """
+    stopped_by = _agreed_stop(acc, stop)
+    steps = recipe.schedule.steps
+    if step % recipe.train.checkpoint_every == 0 or step == steps or stopped_by:
+        save(step)
+    if stopped_by:
+        log.warning(
+            "%sstop requested (%s): checkpoint written at step %d of %d; re-run the same command to resume",
+            f"rank {acc.process_index}: " if acc.num_processes > 1 else "",
+            signal.Signals(stopped_by).name,
+            step,
+            steps,
+        )
+    return stopped_by
 
 
 def _agreed_stop(acc: Accelerator, stop: StopRequest) -> int:
     """The stop signal any rank received (0: none), the same on every rank, so all stop at one step."""
     mine = torch.tensor([float(stop.signum or 0)], device=acc.device)
     return int(acc.gather(mine).max().item())
-
-
-def _check_ranks_agree(acc: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
-    """All processes must end with identical weights; record each rank's checksum in ``ranks.json``.
-
-    Parameter by parameter (FSDP shards are gathered one at a time), never a flat copy of the model."""
-    mine, offset = torch.zeros(2, dtype=torch.float64), 0
-    with torch.no_grad():
-        for p in model.parameters():
-            flat = full_tensor(p.detach()).double().flatten().cpu()
-            index = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64)
-            mine += torch.stack([flat.sum(), (flat * index).sum()])
-            offset += flat.numel()
-    sums = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()
-    if acc.is_main_process:
-        (run_dir / "ranks.json").write_text(json.dumps({"checksums": sums.tolist()}))
-    if not torch.equal(sums, sums[:1].expand_as(sums)):
-        raise MultiteachError(f"processes ended with different weights: checksums {sums.tolist()}")
-
-
-def _log_to_file(path: Path) -> logging.Handler:
-    """Also write this run's log lines to ``run_dir/train.log`` (appending across resumes)."""
-    root = logging.getLogger("multiteach")
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    return handler
-
-
-def _fresh_accelerator_state() -> None:
-    """Let one Python process run several single-process trainings (tests, sweeps) with different settings:
-    Accelerate keeps a process-wide singleton state that otherwise refuses a new mixed-precision mode."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _checkpoint(
-    acc: Accelerator,
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    ema: EMA | None,
-    optimizer: torch.optim.Optimizer,
-    digest: str,
-    batch: int,
-    strategy: str = "ddp",
-) -> None:
-    """Write a checkpoint in the single-process format whatever the strategy: FSDP gathers the full
-    weights and optimiser state (every rank takes part, rank 0 writes); DeepSpeed adds its per-rank
-    engine state (``engine/``, from ``Accelerator.save_state``) beside the full weights."""
-    acc.wait_for_everyone()
-    weights: Any = model
-    optim_state: Any = optimizer
-    move_in: dict[str, Path] = {}
-    if strategy == "fsdp":
-        weights = acc.get_state_dict(model)
-        optim_state = full_optimizer_state_dict(model, optimizer.optimizer)
-    elif strategy == "deepspeed":
-        weights, optim_state = acc.get_state_dict(model), None
-        move_in["engine"] = Path(run_dir) / CHECKPOINTS / f".engine-step_{step:08d}"
-        acc.save_state(str(move_in["engine"]))
-        acc.wait_for_everyone()
-    if acc.is_main_process:
-        save_checkpoint(
-            run_dir,
-            step,
-            weights,
-            ema.module if ema else None,
-            optim_state,
-            {"recipe_hash": digest, "images": step * batch, "strategy": strategy, "processes": acc.num_processes},
-            shared=shared_names(model),
-            move_in=move_in,
-        )
-    acc.wait_for_everyone()
-
-
-def _engine_plugins(recipe: Any) -> dict[str, Any]:
-    """Accelerate plugins for ``train.distributed`` (none for ddp: Accelerate takes DDP from the launcher)."""
-    cfg = recipe.train.distributed
-    if cfg.strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
-
-        return {
-            "fsdp_plugin": FullyShardedDataParallelPlugin(
-                fsdp_version=cfg.fsdp.version,
-                reshard_after_forward=cfg.fsdp.reshard_after_forward,
-                cpu_offload=cfg.fsdp.cpu_offload,
-                # the block class names are only known once the student is built (_configure_engine)
-                auto_wrap_policy="transformer_based_wrap" if cfg.fsdp.auto_wrap == "blocks" else "no_wrap",
-                state_dict_type="FULL_STATE_DICT",
-            )
-        }
-    if cfg.strategy == "deepspeed":
-        from accelerate import DeepSpeedPlugin
-
-        return {
-            "deepspeed_plugin": DeepSpeedPlugin(
-                zero_stage=cfg.deepspeed.zero_stage,
-                gradient_accumulation_steps=recipe.optim.grad_accum,
-                gradient_clipping=recipe.optim.clip_grad or 0.0,
-            )
-        }
-    return {}
-
-
-def _configure_engine(acc: Accelerator, model: torch.nn.Module, micro: int) -> None:
-    """Settings only known once the model is built: FSDP wraps each student block (its timm class);
-    DeepSpeed needs the per-process micro-batch (no data loader goes through ``prepare``)."""
-    fsdp = getattr(acc.state, "fsdp_plugin", None)
-    if acc.is_fsdp2 and fsdp is not None and fsdp.auto_wrap_policy is not None:
-        fsdp.transformer_cls_names_to_wrap = block_class_names(getattr(model, "_orig_mod", model))
-    ds = getattr(acc.state, "deepspeed_plugin", None)
-    if ds is not None:
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
-
-
-def _restore_sharded_optimizer(
-    acc: Accelerator, model: torch.nn.Module, optimizer: Any, last: Path, strategy: str
-) -> None:
-    """Resume the optimiser of a sharded run after ``prepare``: FSDP loads the full state (any strategy's
-    checkpoint) and keeps its shard; DeepSpeed reloads its own per-rank engine state."""
-    if strategy == "fsdp":
-        saved = load_optimizer_state(last)
-        if saved is not None:
-            load_full_optimizer_state_dict(model, optimizer.optimizer, saved)
-            return
-    elif (last / "engine").is_dir():
-        acc.load_state(str(last / "engine"))
-        return
-    log.warning("%s holds no optimiser state %s can load: AdamW moments restart from zero", last.name, strategy)
 
 
 def finish_process(num_processes: int, exit_code: int = 0) -> None:

@@ -40,7 +40,7 @@ def recipes(tmp_path, monkeypatch):
     (root / "_base" / "optim.yaml").write_text(BASE_OPTIM)
     (root / "_base" / "models.yaml").write_text(BASE_MODELS)
     (root / "demo.yaml").write_text(DEMO)
-    monkeypatch.setattr(config, "RECIPES_DIR", root)
+    monkeypatch.setattr(config.load, "RECIPES_DIR", root)  # the module that reads it
     return root
 
 

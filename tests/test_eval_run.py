@@ -128,6 +128,8 @@ def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path, monkeypatch):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
         assert -1.0 <= row["robust_cosine"] <= 1.0 and 0.0 <= row["robust_top1"] <= 1.0
         assert len(result["robustness"][model]) == 8
+        # RI with the perturbations as sites, on labelled images: in [0, 1], from croma
+        assert 0.0 <= row["robust_ri"] <= 1.0 and row["robust_ri"] == result["robustness_index"][model]["ri"]
 
     fid = result["fidelity"]
     assert set(fid) == {"run"}  # teachers have no heads to measure
@@ -148,7 +150,7 @@ def test_run_dir_and_teacher_standin_end_to_end(tiny, tmp_path, monkeypatch):
     bars = {ax: [p for c in ax.containers if isinstance(c, BarContainer) for p in c.patches] for ax in fig.axes}
     whiskers = {ax: [c for c in ax.containers if isinstance(c, ErrorbarContainer)] for ax in fig.axes}
     assert len(bars[knn]) == len(whiskers[knn]) == 8  # 4 CV scores x 2 models
-    assert len(bars[robust]) == 10 and whiskers[robust] == []  # cosine + 4 top-k, single values
+    assert len(bars[robust]) == 12 and whiskers[robust] == []  # cosine + 4 top-k + RI, single values
     assert len(bars[fidelity]) == 3 and whiskers[fidelity] == []  # the run's 3 measures; uni has none
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run (student)", "uni"]
 

@@ -146,16 +146,16 @@ def test_fsdp2_checkpoint_matches_ddp_resumes_and_exports(tmp_path):
 
 
 def test_engine_plugin_wraps_each_student_block(tmp_path):
-    from multiteach.train import _engine_plugins
+    from multiteach.engine import engine_plugins
 
     recipe = load_recipe(
         recipe_yaml(tmp_path), ["train.distributed.strategy=fsdp", "train.distributed.fsdp.reshard_after_forward=false"]
     )
-    plugin = _engine_plugins(recipe)["fsdp_plugin"]  # built only, not given to an Accelerator (no CUDA here)
+    plugin = engine_plugins(recipe)["fsdp_plugin"]  # built only, not given to an Accelerator (no CUDA here)
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
     assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
     assert block_class_names(build_components(recipe).model) == ["Block"]
-    assert _engine_plugins(load_recipe(recipe_yaml(tmp_path))) == {}  # ddp: Accelerate takes it from the launcher
+    assert engine_plugins(load_recipe(recipe_yaml(tmp_path))) == {}  # ddp: Accelerate takes it from the launcher
 
 
 def test_multinode_examples_are_valid():

@@ -97,9 +97,15 @@ def test_standardised_targets_and_kl():
     [
         ({"x": {"type": "cosin", "teacher": "uni"}}, r"losses\.x\.type: unknown loss term type 'cosin'.*cosine"),
         ({"x": {"type": "cosine", "teacher": "unii"}}, r"losses\.x\.teacher: teacher 'unii' is not configured.*uni"),
-        ({"x": {"type": "cosine", "teacher": "uni", "weight": -1}}, r"losses\.x\.weight: must be >= 0"),
+        (
+            {"x": {"type": "cosine", "teacher": "uni", "weight": -1}},
+            r"losses\.x\.weight: expected a number >= 0 \(0 or null switches the term off\), got -1",
+        ),
         ({"x": {"type": "cosine", "teacher": "uni", "on": "patches"}}, r"losses\.x\.on: 'patches'.*patch"),
-        ({"x": {"type": "cosine", "teacher": "uni", "tempreature": 1}}, r"losses\.x: unknown key 'tempreature'"),
+        (
+            {"x": {"type": "cosine", "teacher": "uni", "tempreature": 1}},
+            r"losses\.x\.tempreature: unknown key for type 'cosine'",
+        ),
         ({"x": {"type": "cosine", "teacher": "summ", "on": "patch"}}, r"no patch tokens"),
         ({"x": {"weight": 1}}, r"losses\.x: missing 'type'"),
     ],

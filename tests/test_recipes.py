@@ -9,7 +9,7 @@ from multiteach.build import describe_graph
 from multiteach.config import list_builtin, load_recipe
 from multiteach.standins import TINY_CONCH, save_timm_folder, tiny_conch_state, tiny_hf_vit, tiny_timm
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD
-from multiteach.teachers.catalog import HOPTIMUS_MEAN, HOPTIMUS_STD
+from multiteach.teachers.catalog_refs import HOPTIMUS_MEAN, HOPTIMUS_STD
 from multiteach.train import train
 
 from .engine_fixtures import write_tiles

@@ -16,7 +16,7 @@ from multiteach.standins import (
 )
 from multiteach.teachers import build_teacher
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD
-from multiteach.teachers.catalog import HIBOU_MEAN, HIBOU_STD, HOPTIMUS_MEAN, HOPTIMUS_STD
+from multiteach.teachers.catalog_refs import HIBOU_MEAN, HIBOU_STD, HOPTIMUS_MEAN, HOPTIMUS_STD
 
 
 def images(n=2, size=224, seed=0):

@@ -13,7 +13,7 @@ from multiteach.build import build_teachers
 from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
 from multiteach.teachers import CATALOG
-from multiteach.teachers.catalog import HIBOU_MEAN, HIBOU_STD
+from multiteach.teachers.catalog_refs import HIBOU_MEAN, HIBOU_STD
 
 # Stand-ins for the two Python files histai/hibou-b ships (config.json maps AutoConfig/AutoModel to them).
 CONFIGURATION = """

@@ -240,16 +240,19 @@ class RobustViews:
         self.p = float(p)
 
     def sample(self, generator: torch.Generator | None = None) -> Perturbation:
-        """Draw one view's perturbation. Each kind in :data:`ORDER` costs a fixed 5 draws, configured or not."""
+        """Draw one view's perturbation. Each kind in :data:`ORDER` costs a fixed 6 draws, configured or not.
+
+        hed: strength s uniform in the range, each of H and E scaled by ``1 +/- s`` and shifted by ``+/- s/5``
+        (random signs); gamma and gain: one log-uniform value per channel; blur and jpeg: uniform."""
         drawn: dict[str, Any] = {}
         for name in ORDER:
-            coin, u0, *u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
+            coin, u0, *u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
             if name not in self.ranges or coin >= self.p:
                 continue
             lo, hi = self.ranges[name]
             if name == "hed":
                 s = lo + (hi - lo) * u0
-                signs = [2.0 * v - 1.0 for v in u]
+                signs = [1.0 if v < 0.5 else -1.0 for v in u]
                 drawn[name] = ((1.0 + s * signs[0], 1.0 + s * signs[1], 1.0), (s / 5 * signs[2], s / 5 * signs[3], 0.0))
             elif name in ("gamma", "gain"):  # log-uniform per channel
                 drawn[name] = tuple(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * v) for v in u[:3])

@@ -197,6 +197,7 @@ _LABELS = {
     "linear_bacc": "linear\nbal. acc",
     "linear_f1": "linear\nmacro F1",
     "robust_cosine": "matched\ncosine",
+    "robust_ri": "robustness\nindex",
 }
 _FIDELITY_LABELS = {"summary": "summary", "patch": "patch", "cka": "CKA"}
 BAR_INCHES = 0.2

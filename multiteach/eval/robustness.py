@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multiteach.data.perturb import blur, check_images, hed_shift, jpeg_compress, scanner_colour
-from multiteach.errors import MultiteachError
+from multiteach.data.perturb import blur, check_images, hed_shift, heldout_suite, jpeg_compress, scanner_colour
+from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.eval.knn import as_features, as_labels, check_classes, check_same_dim
 
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10)
@@ -296,3 +296,58 @@ def evaluate_perturbations(
 
     clean = run(None)
     return {name: plism_pair_metrics(clean, run(fn), ks) for name, fn in suite.items()}
+
+
+#: ``multiteach eval --perturbations`` choices.
+SUITES: tuple[str, ...] = ("standard", "heldout")
+
+
+def robustness_suite(name: str, seed: int = 0) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The named perturbation suite: ``standard`` (:func:`perturbation_suite`) or ``heldout``
+    (:func:`multiteach.data.perturb.heldout_suite`, severities beyond the default robust-view training ranges)."""
+    if name == "standard":
+        return perturbation_suite(seed)
+    if name == "heldout":
+        return heldout_suite()
+    raise MultiteachError(
+        f"perturbations: unknown suite {name!r}.{did_you_mean(name, SUITES)} Allowed: {', '.join(SUITES)}."
+    )
+
+
+def perturbation_ri(
+    embed: Callable[[Tensor], Any],
+    images: Tensor,
+    labels: Any,
+    suite: Mapping[str, Callable[[Tensor], Tensor]],
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Robustness index with synthetic sites: every image clean and through each perturbation of ``suite``.
+
+    Each copy is a sample whose site is its perturbation (``clean`` or the suite name) and whose biology is the
+    image's label; copies of one image share a group, so an image's own copies never count as neighbours.
+    RI > 0.5 means neighbours share the class across perturbations more than the perturbation across classes.
+
+    Args:
+        embed: Maps (b, 3, H, W) in [0, 1] to (b, D).
+        images: Labelled images (N, 3, H, W) in [0, 1].
+        labels: Their classes, (N,).
+        suite: name -> perturbation.
+        batch_size: Images per ``embed`` call.
+
+    Returns:
+        :func:`robustness_index`'s dict (``ri``, ``ri_odds``, ``k``, ``support``).
+    """
+    images = check_images(images)
+    copies = {"clean": None, **suite}
+    feats, sites = [], []
+    with torch.no_grad():
+        for site, fn in copies.items():
+            for start in range(0, images.shape[0], int(batch_size)):
+                batch = images[start : start + int(batch_size)]
+                feats.append(as_features(embed(batch if fn is None else fn(batch)), "embed output"))
+            sites += [site] * images.shape[0]
+    n = images.shape[0]
+    bio = np.tile(np.asarray(labels), len(copies))
+    groups = np.tile(np.arange(n), len(copies))
+    ks = tuple(k for k in DEFAULT_RI_KS if k <= len(bio) - len(copies))
+    return robustness_index(np.concatenate(feats), bio, np.asarray(sites), k=ks or (1,), groups=groups)

@@ -31,32 +31,31 @@ each image its group when every image has one; otherwise the evaluation is not g
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from multiteach.data.tiles import IMAGE_ERRORS, find_images, labelled_folder, verify_image
-from multiteach.errors import MultiteachError, did_you_mean, missing_path
+from multiteach.data.tiles import find_images
+from multiteach.errors import MultiteachError
 from multiteach.eval.embed import embed_folder, load_images, model_kind, resolve_model
-from multiteach.eval.knn import knn_cv, knn_eval
-from multiteach.eval.linear import linear_probe, linear_probe_cv
+from multiteach.eval.labelled import (
+    classification_metrics,
+    drop_images,
+    load_labelled,
+    unreadable_images,
+)
 from multiteach.eval.report import atomic_write_bytes, comparison_chart, to_json, to_markdown
-from multiteach.eval.robustness import DEFAULT_KS, evaluate_perturbations, perturbation_suite
+from multiteach.eval.robustness import DEFAULT_KS, evaluate_perturbations, perturbation_ri, robustness_suite
 
 log = logging.getLogger("multiteach.eval")
 
-#: Column names of ``labels.csv`` read as groups by ``groups="auto"``, in order of preference.
-GROUP_COLUMNS: tuple[str, ...] = ("group", "slide", "slide_id", "patient", "patient_id", "case", "case_id")
-LABELS_CSV = "labels.csv"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 CHART_PNG = "comparison.png"
@@ -67,174 +66,6 @@ FIDELITY_COLUMNS = {"summary": "summary_centred_cosine", "patch": "patch_centred
 DEAD_SPREAD = 1e-3
 #: Model kinds that are students: highlighted in ``comparison.png``.
 STUDENT_KINDS = ("run", "export")
-
-
-# --------------------------------------------------------------------------- labelled data
-@dataclass
-class LabelledSet:
-    """A labelled tile folder, as a train/test split or as one set for cross-validation.
-
-    Attributes:
-        root: The folder.
-        split: True when it has ``train/`` and ``test/`` sub-folders (scored on that split).
-        class_names: Sorted class names; labels index them.
-        train_paths: Training images (all images in CV mode), shape (N_train,).
-        train_labels: Their integer labels, shape (N_train,).
-        test_paths: Test images (empty in CV mode), shape (N_test,).
-        test_labels: Their labels, shape (N_test,).
-        train_groups: Group ids of the training images, or None.
-        test_groups: Group ids of the test images, or None.
-        group_source: Where groups came from (``"labels.csv:group"``), or None.
-        group_note: Why groups are not used, when they are not.
-    """
-
-    root: Path
-    split: bool
-    class_names: list[str]
-    train_paths: list[Path]
-    train_labels: np.ndarray
-    test_paths: list[Path]
-    test_labels: np.ndarray
-    train_groups: np.ndarray | None = None
-    test_groups: np.ndarray | None = None
-    group_source: str | None = None
-    group_note: str | None = None
-
-    @property
-    def all_paths(self) -> list[Path]:
-        """Train then test paths."""
-        return [*self.train_paths, *self.test_paths]
-
-    def groups_overlap(self) -> int | None:
-        """How many groups occur in both train and test (0: group-disjoint), or None without groups."""
-        if not self.split or self.train_groups is None or self.test_groups is None:
-            return None
-        return len(set(self.train_groups.tolist()) & set(self.test_groups.tolist()))
-
-
-def _read_groups(root: Path, paths: Sequence[Path], column: str) -> tuple[np.ndarray | None, str | None, str | None]:
-    """Groups of ``paths`` from ``root/labels.csv``: (groups, source, note-if-unused)."""
-    csv_path = root / LABELS_CSV
-    explicit = column != "auto"
-    if not csv_path.is_file():
-        if explicit:
-            raise MultiteachError(f"groups={column!r}: {csv_path} does not exist")
-        return None, None, f"no {LABELS_CSV} in the data folder"
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = columns
-        rows = list(reader)
-    path_col = next((c for c in columns if c.lower() in ("file", "path")), None)
-    if explicit:
-        if column not in columns:
-            raise MultiteachError(
-                f"groups={column!r}: {csv_path} has no such column.{did_you_mean(column, columns)} "
-                f"Columns: {', '.join(columns)}."
-            )
-        group_col: str | None = column
-    else:
-        group_col = next((c for g in GROUP_COLUMNS for c in columns if c.lower() == g), None)
-    if path_col is None or group_col is None:
-        note = f"{csv_path} has no file/path column" if path_col is None else f"{csv_path} has no group column"
-        if explicit:
-            raise MultiteachError(note)
-        return None, None, f"{note} (looked for {', '.join(GROUP_COLUMNS)})"
-    by_file = {Path((r.get(path_col) or "").strip()).as_posix(): (r.get(group_col) or "").strip() for r in rows}
-    groups = [by_file.get(p.relative_to(root).as_posix(), "") for p in paths]
-    lacking = sum(1 for g in groups if not g)
-    if lacking:
-        note = f"{LABELS_CSV} column {group_col!r} gives no group for {lacking} of {len(paths)} images"
-        if explicit:
-            raise MultiteachError(note)
-        return None, None, note
-    return np.asarray(groups), f"{LABELS_CSV}:{group_col}", None
-
-
-def load_labelled(root: str | os.PathLike[str], groups: str | None = "auto") -> LabelledSet:
-    """Read a labelled tile folder: ``root/<class>/...`` or ``root/{train,test}/<class>/...``.
-
-    Args:
-        root: The folder.
-        groups: ``"auto"`` (groups from ``labels.csv`` when every image has one), a ``labels.csv``
-            column name (required to cover every image), or None (no groups).
-
-    Returns:
-        The :class:`LabelledSet`.
-
-    Raises:
-        MultiteachError: For a missing or image-less folder, fewer than two classes, a test class
-            that is not in the training set, or an explicit groups column that does not cover the images.
-    """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise missing_path("labelled data folder", root, expected="<class>/ or train/ + test/ sub-folders")
-    if not root.is_dir():
-        raise MultiteachError(f"labelled data folder {root.resolve()} is a file, not a folder of <class>/ sub-folders")
-    split = (root / "train").is_dir() and (root / "test").is_dir()
-    if split:
-        train_paths, train_y, train_names = labelled_folder(root / "train")
-        test_paths, test_y, test_names = labelled_folder(root / "test")
-        unknown = sorted(set(test_names) - set(train_names))
-        if unknown:
-            raise MultiteachError(
-                f"{root}/test has class(es) {', '.join(unknown)} that {root}/train lacks; a model cannot "
-                "learn them from the training split"
-            )
-        names = sorted(train_names)
-        test_labels = np.asarray([names.index(test_names[i]) for i in test_y], dtype=np.int64)
-    else:
-        train_paths, train_y, names = labelled_folder(root)
-        test_paths, test_labels = [], np.zeros(0, dtype=np.int64)
-    data = LabelledSet(
-        root, split, list(names), list(train_paths), np.asarray(train_y, dtype=np.int64), list(test_paths), test_labels
-    )
-    if groups is None:
-        data.group_note = "groups not requested"
-        return data
-    all_groups, source, note = _read_groups(root, data.all_paths, str(groups))
-    data.group_source, data.group_note = source, note
-    if all_groups is not None:
-        n = len(data.train_paths)
-        data.train_groups, data.test_groups = all_groups[:n], (all_groups[n:] if split else None)
-    return data
-
-
-def unreadable_images(paths: Sequence[Path]) -> dict[Path, str]:
-    """The images among ``paths`` that cannot be decoded (truncated, not an image, empty): path -> reason."""
-    bad: dict[Path, str] = {}
-    for path in paths:
-        try:
-            verify_image(path)
-        except IMAGE_ERRORS as err:
-            bad[Path(path)] = f"{type(err).__name__}: {err}"
-    return bad
-
-
-def drop_images(data: LabelledSet, bad: Mapping[Path, str]) -> None:
-    """Remove ``bad`` images, with their labels and groups, from ``data`` in place.
-
-    Raises:
-        MultiteachError: When a class is left without a (training) image.
-    """
-    if not bad:
-        return
-
-    def keep(paths: list[Path], labels: np.ndarray, groups: np.ndarray | None) -> tuple:
-        idx = np.asarray([i for i, p in enumerate(paths) if p not in bad], dtype=np.int64)
-        return [paths[i] for i in idx], labels[idx], None if groups is None else groups[idx]
-
-    data.train_paths, data.train_labels, data.train_groups = keep(
-        data.train_paths, data.train_labels, data.train_groups
-    )
-    data.test_paths, data.test_labels, data.test_groups = keep(data.test_paths, data.test_labels, data.test_groups)
-    empty = [c for i, c in enumerate(data.class_names) if not (data.train_labels == i).any()]
-    if empty:
-        where = f"{data.root}/train" if data.split else str(data.root)
-        raise MultiteachError(
-            f"class(es) {', '.join(empty)} of {where} have no readable image left after skipping {len(bad)} "
-            f"unreadable file(s): {', '.join(str(p) for p in bad)}"
-        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -279,21 +110,6 @@ def _subset(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
     return [paths[i] for i in idx]
 
 
-def _classification(data: LabelledSet, x: np.ndarray, k: int, n_splits: int, seed: int, probe_c: Any) -> dict:
-    """kNN + linear probe on embeddings ``x`` (N, D): train rows then test rows."""
-    if data.split:
-        n = len(data.train_paths)
-        tr, te = x[:n], x[n:]
-        knn = knn_eval(tr, data.train_labels, te, data.test_labels, k=k, metric="cosine")
-        lin = linear_probe(
-            tr, data.train_labels, te, data.test_labels, C=probe_c, train_groups=data.train_groups, seed=seed
-        )
-        return {"knn": knn, "linear": lin}
-    knn = knn_cv(x, data.train_labels, k=k, n_splits=n_splits, groups=data.train_groups, seed=seed, metric="cosine")
-    lin = linear_probe_cv(x, data.train_labels, n_splits=n_splits, groups=data.train_groups, C=probe_c, seed=seed)
-    return {"knn": knn, "linear": lin}
-
-
 def _json_ready(obj: Any) -> Any:
     """Tuples -> {"mean", "std"}; numpy scalars -> Python; non-finite floats -> None."""
     if isinstance(obj, Mapping):
@@ -327,6 +143,7 @@ def evaluate(
     n_splits: int = 5,
     probe_c: float | str = "auto",
     robustness_size: int = 224,
+    perturbations: str = "standard",
     with_fidelity: bool = True,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
@@ -358,6 +175,11 @@ def evaluate(
             CV on the training data, group-aware with groups) or a fixed float (faster).
         robustness_size: Square size the robustness images are read at (the perturbations act at this
             size, the same for every model; each model then resizes to its own input size).
+        perturbations: ``"standard"`` (:func:`~multiteach.eval.robustness.perturbation_suite`) or ``"heldout"``
+            (:func:`~multiteach.data.perturb.heldout_suite`: the robust-view family at severities beyond its
+            default training ranges, so a student trained with ``data.robust_views`` is not scored on its
+            training distribution). With robustness on, the robustness index (RI) is also computed on up to
+            ``max_images`` labelled images: each clean and perturbed copy is a "site", the class the biology.
         with_fidelity: Measure fidelity for run directories.
         device: Where models run.
         dtype: ``float32`` or ``bfloat16``.
@@ -420,15 +242,18 @@ def evaluate(
         f"{n_img} images, {len(labelled.class_names)} classes, groups: {labelled.group_source or 'none'})"
     )
 
-    suite = perturbation_suite(seed)
+    suite = robustness_suite(perturbations, seed)
     ks = tuple(q for q in DEFAULT_KS if q <= 2 * len(rob_paths) - 1)
     rob_tensor = load_images(rob_paths, int(robustness_size), batch_size) if rob_paths else None
+    ri_idx = np.sort(np.random.default_rng(seed).permutation(n_img)[: int(max_images)])
+    ri_images = load_images([labelled.all_paths[i] for i in ri_idx], int(robustness_size)) if rob_paths else None
     fid_paths = _subset(labelled.test_paths if labelled.split else labelled.train_paths, int(max_images), seed)
 
     table: dict[str, dict[str, Any]] = {}
     model_info: dict[str, Any] = {}
     probe: dict[str, Any] = {}
     robustness: dict[str, Any] = {}
+    ri_out: dict[str, Any] = {}
     fidelity_out: dict[str, Any] = {}
     for i, (spec, kind, name, w) in enumerate(zip(specs, kinds, names, per_weights), start=1):
         tag = f"[{i}/{len(specs)}] {name}"
@@ -449,7 +274,7 @@ def evaluate(
         seconds["embed"] = time.perf_counter() - t0
         say(f"{tag}: {kind}, {emb.input_size} px, D={emb.dim}; embedded {n_img} images in {seconds['embed']:.1f} s")
         t0 = time.perf_counter()
-        cls = _classification(labelled, x, int(k), int(n_splits), seed, probe_c)
+        cls = classification_metrics(labelled, x, int(k), int(n_splits), seed, probe_c)
         seconds["classification"] = time.perf_counter() - t0
         row: dict[str, Any] = {
             "knn_bacc": cls["knn"]["balanced_accuracy"],
@@ -463,9 +288,12 @@ def evaluate(
             t0 = time.perf_counter()
             per = evaluate_perturbations(emb, rob_tensor, suite, ks=ks, batch_size=batch_size)
             seconds["robustness"] = time.perf_counter() - t0
-            robustness[name] = per
             for metric in next(iter(per.values())):
                 row[f"robust_{metric}"] = float(np.mean([v[metric] for v in per.values()]))
+            labels = np.concatenate([labelled.train_labels, labelled.test_labels])[ri_idx]
+            ri_out[name] = perturbation_ri(emb, ri_images, labels, suite, batch_size=batch_size)
+            row["robust_ri"] = ri_out[name]["ri"]
+            robustness[name] = per
             say(f"{tag}: robustness on {len(rob_paths)} images x {len(per)} perturbations")
         if kind == "run" and with_fidelity:
             from multiteach.eval.fidelity import teacher_fidelity
@@ -525,6 +353,8 @@ def evaluate(
             "size": int(robustness_size),
             "ks": list(ks),
             "perturbations": list(suite),
+            "suite": perturbations,
+            "ri_images": len(ri_idx),
         },
         "fidelity_images": len(fid_paths) if fidelity_out else 0,
         "skipped": {
@@ -538,6 +368,7 @@ def evaluate(
         "metrics": json.loads(to_json(table)),
         "probe": probe,
         "robustness": robustness,
+        "robustness_index": ri_out,
         "fidelity": fidelity_out,
     }
     result = _json_ready(result)

@@ -23,6 +23,7 @@ import torch
 
 from multiteach.errors import MultiteachError
 from multiteach.eval.agreement import centred_cosine, linear_cka, mutual_knn
+from multiteach.eval.labelled import classification_metrics, load_labelled
 
 __all__ = [
     "LABELLED_SETS",
@@ -91,7 +92,7 @@ def classification_scores(data: Any, x: np.ndarray, k: int = 10, seed: int = 0) 
     """kNN and linear-probe balanced accuracy of embeddings ``x`` on a labelled set.
 
     Args:
-        data: A :class:`~multiteach.eval.run.LabelledSet` (train/test split or CV).
+        data: A :class:`~multiteach.eval.labelled.LabelledSet` (train/test split or CV).
         x: Embeddings (N, D), rows in ``data.all_paths`` order.
         k: kNN neighbours.
         seed: Fold and solver seed.
@@ -99,9 +100,7 @@ def classification_scores(data: Any, x: np.ndarray, k: int = 10, seed: int = 0) 
     Returns:
         ``{"knn": bacc, "linear": bacc}`` (CV: mean over folds).
     """
-    from multiteach.eval.run import _classification
-
-    scores = _classification(data, x, k=k, n_splits=5, seed=seed, probe_c="auto")
+    scores = classification_metrics(data, x, k=k, n_splits=5, seed=seed, probe_c="auto")
     out = {}
     for name, res in scores.items():
         value = res["balanced_accuracy"]
@@ -151,7 +150,6 @@ def teacher_agreement(x: Any, teacher: Any, k: int = 10, seed: int = 0) -> dict[
 
 def load_shared_sets(root: str | os.PathLike[str], names: Sequence[str] = tuple(LABELLED_SETS)) -> dict[str, Any]:
     """Load the labelled sets under ``root`` (``shared/data/labeled``) that exist, by name."""
-    from multiteach.eval.run import load_labelled
 
     root = Path(root)
     sets = {n: load_labelled(root / n) for n in names if (root / n).is_dir()}

@@ -12,6 +12,16 @@ from multiteach.losses.base import (
     LossTerm,
     active_teachers,
     build_loss,
+    check_term,
 )
 
-__all__ = ["LOSSES", "BuildInfo", "CompositeLoss", "LossContext", "LossTerm", "active_teachers", "build_loss"]
+__all__ = [
+    "LOSSES",
+    "BuildInfo",
+    "CompositeLoss",
+    "LossContext",
+    "LossTerm",
+    "active_teachers",
+    "build_loss",
+    "check_term",
+]

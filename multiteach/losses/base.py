@@ -169,22 +169,37 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _check_term(name: str, cfg: Any) -> float | None:
-    """Validate ``type``/``weight``; return the weight, or None when the term is switched off."""
-    if cfg is None:
-        return None
+def check_term(name: str, cfg: Any) -> tuple[type[LossTerm], float]:
+    """Check a ``losses:`` entry's ``type``, keys and ``weight``; the one check the recipe and the builder share.
+
+    Args:
+        name: The term's recipe key (``"uni.cls"``); errors name ``losses.<name>...``.
+        cfg: Its entry, ``{type, weight, ...}``.
+
+    Returns:
+        The registered term class and the weight as a float (0.0 when 0 or null: the term is switched off).
+
+    Raises:
+        MultiteachError: for an entry that is not a mapping, a missing or unknown ``type``, a key the type
+            does not take, or a weight that is not a number >= 0.
+    """
+    at = f"losses.{name}"
     if not isinstance(cfg, Mapping):
-        raise MultiteachError(f"losses.{name}: expected a mapping like {{type: cosine, weight: 1.0}}, got {cfg!r}")
+        raise MultiteachError(f"{at}: expected a mapping like {{type: cosine, weight: 1.0}}, got {cfg!r}")
     if "type" not in cfg:
-        raise MultiteachError(f"losses.{name}: missing 'type'. Known types: {', '.join(LOSSES.keys())}.")
+        raise MultiteachError(f"{at}: missing 'type'. Known types: {', '.join(LOSSES.keys())}.")
+    cls = term_class(name, cfg["type"])
+    allowed = ("type", "weight", *cls.allowed_keys)
+    for key in cfg:
+        if key not in allowed:
+            raise MultiteachError(
+                f"{at}.{key}: unknown key for type {cfg['type']!r}.{did_you_mean(str(key), allowed)} "
+                f"Allowed: {', '.join(allowed)}."
+            )
     weight = cfg.get("weight", 1.0)
-    if weight is None:
-        return None
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise MultiteachError(f"losses.{name}.weight: expected a number >= 0, got {weight!r}")
-    if weight < 0:
-        raise MultiteachError(f"losses.{name}.weight: must be >= 0 (0 switches the term off), got {weight}")
-    return float(weight) if weight > 0 else None
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+        raise MultiteachError(f"{at}.weight: expected a number >= 0 (0 or null switches the term off), got {weight!r}")
+    return cls, 0.0 if weight is None else float(weight)
 
 
 def build_loss(
@@ -196,7 +211,8 @@ def build_loss(
     """Build the active terms of a recipe's ``losses:`` mapping and the heads they need.
 
     Args:
-        losses: Term name -> ``{type, weight, ...}`` (or None / weight 0 to switch it off).
+        losses: Term name -> ``{type, weight, ...}`` (or None / weight 0 to switch it off); every entry's
+            type, keys and weight are checked by :func:`check_term`, switched-off ones included.
         student_dim: Student token width.
         teachers: Configured teacher specs by name (resolved, e.g. from the catalog).
         heads: Per-teacher head configs ``{kind, shared, bottleneck?, hidden?}``; configs of teachers
@@ -209,18 +225,11 @@ def build_loss(
     info = BuildInfo(student_dim, teachers)
     terms: list[LossTerm] = []
     for name, cfg in losses.items():
-        weight = _check_term(name, cfg)
-        if weight is None:
+        if cfg is None:
             continue
-        cls = term_class(name, cfg["type"])
-        allowed = ("type", "weight", *cls.allowed_keys)
-        for key in cfg:
-            if key not in allowed:
-                raise MultiteachError(
-                    f"losses.{name}: unknown key {key!r} for type {cfg['type']!r}.{did_you_mean(key, allowed)} "
-                    f"Allowed: {', '.join(allowed)}."
-                )
-        terms.append(cls.from_config(name, {**cfg, "weight": weight}, info))
+        cls, weight = check_term(name, cfg)
+        if weight > 0:
+            terms.append(cls.from_config(name, {**cfg, "weight": weight}, info))
     by_name = {t.name: t for t in terms}
     for term in terms:
         term.link(by_name)
@@ -243,7 +252,7 @@ def active_teachers(losses: Mapping[str, Any]) -> list[str]:
     """
     names: list[str] = []
     for name, cfg in losses.items():
-        if _check_term(name, cfg) is None:
+        if cfg is None or check_term(name, cfg)[1] == 0:
             continue
         for key in ("teacher", "target"):
             value = cfg.get(key)

@@ -1,9 +1,10 @@
 """The weights doctor: check a local teacher checkpoint against its catalog entry before any GPU time is spent.
 
 ``multiteach teachers --check NAME --weights PATH`` and :func:`check_weights` read only the file's header
-(safetensors) or its memory-mapped pickle (``weights_only=True``), build the teacher's architecture on the
-meta device, apply the same renaming the loader applies (the entry's stripped prefixes, DINOv2 conversion,
-CoCa text side dropped, position-embedding resampling) and compare:
+(safetensors) or its memory-mapped pickle (``weights_only=True``; both read by
+:mod:`multiteach.teachers.headers`), build the teacher's architecture on the meta device, apply the same
+renaming the loader applies (the entry's stripped prefixes, DINOv2 conversion, CoCa text side dropped,
+position-embedding resampling) and compare:
 
 * missing / unexpected keys, grouped by prefix (first few, then a count), and shape mismatches;
 * the ``config.json`` architecture (timm) or model config (transformers) against the catalog's;
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,22 +33,9 @@ from torch import nn
 
 from multiteach.errors import MultiteachError
 from multiteach.teachers.base import TeacherSpec
+from multiteach.teachers.headers import FileInfo, meta_tensor, read_file_info
 from multiteach.teachers.keycheck import compare, vit_dims
-from multiteach.teachers.weights import human_bytes, unwrap_state_dict
-
-# safetensors header dtype -> (torch dtype, bytes per element)
-_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
+from multiteach.teachers.weights import human_bytes
 
 log = logging.getLogger("multiteach.teachers.doctor")
 
@@ -99,75 +86,6 @@ class Report:
             lines += [f"  - {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-@dataclass
-class FileInfo:
-    """A checkpoint's tensors as meta tensors (names, shapes, dtypes), plus how it was read."""
-
-    tensors: dict[str, torch.Tensor]
-    wrappers: list[str]
-    size: int
-    described: int | None
-
-
-def _meta(shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype, device="meta")
-
-
-def _read_safetensors(path: Path) -> FileInfo:
-    """Parse a safetensors header without reading the data; detect truncation from the data offsets."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise MultiteachError(f"the file is {size} bytes, too short to hold a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise MultiteachError(
-                f"the header says {human_bytes(n)} of metadata but the file is {human_bytes(size)}: truncated or "
-                "not a safetensors file"
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MultiteachError("the safetensors header is not valid JSON: the file is damaged") from None
-    header.pop("__metadata__", None)
-    tensors, end = {}, 0
-    for name, info in header.items():
-        dtype, _ = _ST_DTYPES.get(info.get("dtype", ""), (torch.float32, 4))
-        tensors[name] = _meta(info["shape"], dtype)
-        end = max(end, int(info["data_offsets"][1]))
-    described = 8 + n + end
-    if size < described:
-        raise MultiteachError(
-            f"the file is truncated: {human_bytes(size)} on disk but its header describes {human_bytes(described)} "
-            "(an interrupted download or copy): download it again"
-        )
-    return FileInfo(tensors, [], size, described)
-
-
-def read_file_info(path: str | Path) -> FileInfo:
-    """Names, shapes and dtypes of a checkpoint's tensors, without loading the data into memory.
-
-    Raises:
-        MultiteachError: when the file cannot be read (missing, truncated, not a checkpoint).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MultiteachError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    size = path.stat().st_size
-    try:
-        raw: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated zip archives, refused pickles
-        raise MultiteachError(
-            f"cannot read it ({human_bytes(size)} on disk): {str(exc).splitlines()[0]} — a truncated or "
-            "interrupted download looks like this: download it again"
-        ) from None
-    sd, wrappers = unwrap_state_dict(raw, path)
-    return FileInfo({k: _meta(v.shape, v.dtype) for k, v in sd.items()}, wrappers, size, None)
 
 
 def _dtype_note(tensors: dict[str, torch.Tensor]) -> str:
@@ -372,7 +290,7 @@ def _hf_renamed(model: nn.Module, tensors: dict[str, torch.Tensor], report: Repo
         shape = list(tensor.shape)
         shape[0] //= len(targets)  # the one-to-many converters split dim 0 (Chunk)
         for target in targets:
-            out[target] = _meta(shape, tensor.dtype)
+            out[target] = meta_tensor(shape, tensor.dtype)
         converted += 1
     if converted:
         report.notes.append(f"{converted} key(s) renamed by transformers' own checkpoint conversion, as at load")

@@ -1,0 +1,206 @@
+"""Robust views (``data.robust_views``): pixel-aligned perturbed student views, the switch off unchanged,
+the invariance term, held-out severities, bad input at config time; and ``student.init_from``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multiteach.build import build_components, data_loader, robust_views, tile_dataset
+from multiteach.config import load_recipe
+from multiteach.data.perturb import DEFAULT_RANGES, ORDER, Perturbation, RobustViews, heldout_levels
+from multiteach.errors import MultiteachError
+from multiteach.losses import LossContext
+from multiteach.losses.terms import InvarianceTerm
+from multiteach.students import build_student, init_from_teacher, spread_blocks
+from multiteach.teachers.base import TeacherOutput
+
+from .engine_fixtures import recipe_yaml
+
+
+def _first_batch(recipe):
+    comps = build_components(recipe)
+    loader = data_loader(recipe, tile_dataset(recipe), comps.model.student, rank=0, world_size=1, start_step=0)
+    return next(iter(loader))
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory):
+    return recipe_yaml(tmp_path_factory.mktemp("robust"))
+
+
+def test_switch_off_batches_unchanged_and_teacher_views_identical(recipe_path):
+    off = _first_batch(load_recipe(recipe_path))
+    on = _first_batch(load_recipe(recipe_path, ["data.robust_views={p: 1.0, hed: [0.1, 0.2], jpeg: [30, 60]}"]))
+    assert set(off) == {"global", "local", "masks"}  # no new keys when the switch is off
+    for key in ("global", "local", "masks"):  # every draw made before the perturbation is the same
+        assert torch.equal(off[key], on[key]), key
+    assert on["student_global"].shape == on["global"].shape
+    assert not torch.equal(on["student_global"], on["global"])  # the student's copy is perturbed
+    strengths = on["robust"]
+    assert strengths.shape == (on["global"].shape[0], len(ORDER))
+    hed, jpeg = strengths[:, ORDER.index("hed")], strengths[:, ORDER.index("jpeg")]
+    assert ((hed >= 0.1 - 1e-6) & (hed <= 0.2 + 1e-6)).all() and ((jpeg >= 40) & (jpeg <= 70)).all()
+    assert (strengths[:, ORDER.index("blur")] == 0).all()  # not configured -> never applied
+
+
+def _best_shift(a: torch.Tensor, b: torch.Tensor, radius: int = 3) -> tuple[int, int]:
+    """The integer (dy, dx) maximising the correlation of the two images' luminance (edges cropped)."""
+    la, lb = a.mean(0), b.mean(0)
+    r = radius
+    core = la[r:-r, r:-r] - la[r:-r, r:-r].mean()
+    best, arg = -math.inf, (0, 0)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            win = lb[r + dy : lb.shape[0] - r + dy, r + dx : lb.shape[1] - r + dx]
+            score = float((core * (win - win.mean())).sum() / (core.norm() * (win - win.mean()).norm() + 1e-12))
+            if score > best:
+                best, arg = score, (dy, dx)
+    return arg
+
+
+@pytest.fixture(scope="module")
+def textured_tiles(tmp_path_factory):
+    """Tiles of per-pixel noise in H&E-like colours: any misalignment shows as a shifted correlation peak."""
+    folder = tmp_path_factory.mktemp("textured")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        pink = np.array([0.85, 0.55, 0.75]) * rng.uniform(0.4, 1.0, (80, 80, 1)) + rng.uniform(0, 0.15, (80, 80, 3))
+        Image.fromarray((pink.clip(0, 1) * 255).astype("uint8")).save(folder / f"t{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ORDER)
+def test_student_view_is_pixel_aligned_with_the_teacher_view(recipe_path, textured_tiles, kind):
+    lo, hi = DEFAULT_RANGES[kind]
+    overrides = [f"data.train={textured_tiles}", f"data.robust_views={{p: 1.0, {kind}: [{hi}, {hi}]}}"]
+    batch = _first_batch(load_recipe(recipe_path, overrides))
+    for clean, perturbed in zip(batch["global"], batch["student_global"], strict=True):
+        assert _best_shift(clean, perturbed) == (0, 0)
+        assert not torch.equal(clean, perturbed)
+
+
+def test_identity_perturbation_gives_the_teacher_view_exactly(recipe_path):
+    batch = _first_batch(load_recipe(recipe_path, ["data.robust_views={p: 1.0, gain: [1.0, 1.0]}"]))
+    assert torch.equal(batch["student_global"], batch["global"])
+
+
+def test_student_reads_the_perturbed_views_and_training_logs_strengths(recipe_path, tmp_path):
+    from multiteach.train import train
+
+    recipe = load_recipe(
+        recipe_path,
+        [
+            "data.robust_views={}",
+            "losses.inv={type: invariance, weight: 0.5}",
+            f"output_dir={tmp_path / 'run'}",
+            "schedule.steps=2",
+            "train.log_every=1",
+        ],
+    )
+    run_dir = train(recipe)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["inv"]) and r["inv"] > 0 for r in records)
+    for name in ORDER:
+        assert 0.0 <= records[-1][f"robust_{name}_frac"] <= 1.0
+    assert any(records[-1][f"robust_{name}"] > 0 for name in ORDER)
+
+
+def test_model_feeds_student_the_perturbed_copy_and_targets_the_clean_one(recipe_path):
+    overrides = ["data.robust_views={}", "losses.inv={type: invariance}", "losses.dino.weight=0"]
+    overrides.append("losses.ibot.weight=0")
+    recipe = load_recipe(recipe_path, overrides)
+    comps = build_components(recipe)
+    model = comps.model.eval()
+    clean = torch.rand(4, 3, 64, 64)
+    perturbed = torch.rand(4, 3, 64, 64)
+    seen = []
+    original = model.embed
+    model.embed = lambda x, masks=None: (seen.append(x), original(x, masks))[1]
+    teachers = {n: t(clean).as_target() for n, t in comps.teachers.items()}
+    with torch.no_grad():
+        batch = {"global": clean, "student_global": perturbed, "local": None, "masks": None}
+        model(batch, teachers, 2, 0.04)
+    # the live student on the perturbed copy, then its no-grad clean pass for the invariance term
+    assert len(seen) == 2 and seen[0] is perturbed and seen[1] is clean
+
+
+def test_invariance_term_is_zero_for_identical_views_and_needs_robust_views():
+    out = TeacherOutput(summary=torch.randn(4, 8), patch_tokens=torch.randn(4, 9, 8), grid=(3, 3))
+    term = InvarianceTerm("inv", 1.0)
+    assert float(term(LossContext(student_global=out, student_clean=out))) == pytest.approx(0.0, abs=1e-6)
+    other = TeacherOutput(summary=-out.summary, patch_tokens=out.patch_tokens, grid=(3, 3))
+    assert float(term(LossContext(student_global=out, student_clean=other))) == pytest.approx(2.0, abs=1e-5)
+    with pytest.raises(MultiteachError, match="needs data.robust_views"):
+        term(LossContext(student_global=out))
+
+
+def test_heldout_severities_lie_outside_the_training_ranges():
+    ranges = {"hed": (0.05, 0.2), "gamma": (0.8, 1.25), "gain": (0.92, 1.08), "blur": (0.2, 1.2), "jpeg": (40, 95)}
+    levels = heldout_levels(ranges)
+    strengths = {name.split("@")[0]: p.strengths() for name, p in levels.items()}
+    assert strengths["hed"]["hed"] > 0.2
+    assert strengths["gamma"]["gamma"] > math.log(1.25)
+    assert strengths["gain"]["gain"] > math.log(1.08)
+    assert strengths["blur"]["blur"] > 1.2
+    assert strengths["jpeg"]["jpeg"] > 100 - 40  # quality below the lowest trained
+    trained = RobustViews(ranges, p=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        s = trained.sample(g).strengths()
+        assert s["hed"] <= 0.2 + 1e-9 and s["gamma"] <= math.log(1.25) + 1e-9 and s["blur"] <= 1.2 + 1e-9
+    x = torch.rand(2, 3, 32, 32)
+    for p in levels.values():
+        y = p.apply(x)
+        assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.robust_views.hde=[0.1,0.2]", r"data.robust_views.hde: unknown perturbation. Did you mean: hed\?"),
+        ("data.robust_views.hed=[0.3,0.2]", r"data.robust_views.hed: \[low, high\] must satisfy 0 <= low <= high"),
+        ("data.robust_views.hed=[0.1,1.5]", r"data.robust_views.hed: .* <= 1"),
+        ("data.robust_views.jpeg=[0,50]", r"data.robust_views.jpeg: .*1 <= low"),
+        ("data.robust_views.gamma=[0,2]", r"data.robust_views.gamma"),
+        ("data.robust_views.blur=fast", r"data.robust_views.blur: expected \[low, high\]"),
+        ("data.robust_views.p=1.5", r"data.robust_views.p: must be in \[0, 1\]"),
+        ("data.robust_views.rotate=[0,90]", r"data.robust_views.rotate: a geometric perturbation cannot keep"),
+        ("losses.inv={type: invariance}", r"losses.inv: type 'invariance' .* needs data.robust_views"),
+        ("student.init_from=unii", r"student.init_from: teacher 'unii' is not configured.*Did you mean: uni\?"),
+        ("student.init_blocks=[0,1]", r"student.init_blocks: needs student.init_from"),
+    ],
+)
+def test_bad_robust_and_init_settings_fail_at_config_time(recipe_path, override, message):
+    with pytest.raises(MultiteachError, match=message):
+        load_recipe(recipe_path, [override])
+
+
+def test_robust_views_off_by_default_and_default_ranges(recipe_path):
+    assert robust_views(load_recipe(recipe_path)) is None
+    sampler = robust_views(load_recipe(recipe_path, ["data.robust_views={}"]))
+    assert sampler.ranges == {k: (float(a), float(b)) for k, (a, b) in DEFAULT_RANGES.items()} and sampler.p == 0.5
+    assert Perturbation().apply(torch.ones(3, 4, 4)).eq(1).all()
+
+
+def test_init_from_teacher_copies_a_spread_of_blocks():
+    teacher = build_student("vit_tiny_patch16_224", img_size=64, depth=6).model
+    student = build_student("vit_tiny_patch16_224", img_size=64, depth=3)
+    assert spread_blocks(12, 5) == [0, 3, 6, 8, 11] and spread_blocks(6, 3) == [0, 2, 5]
+    blocks = init_from_teacher(student, teacher)
+    assert blocks == [0, 2, 5]
+    t_sd, s_sd = teacher.state_dict(), student.model.state_dict()
+    for i, b in enumerate(blocks):
+        assert torch.equal(s_sd[f"blocks.{i}.attn.qkv.weight"], t_sd[f"blocks.{b}.attn.qkv.weight"])
+    for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm.weight"):
+        assert torch.equal(s_sd[key], t_sd[key])
+    narrow = build_student("vit_tiny_patch16_224", img_size=64, depth=3, embed_dim=96, num_heads=3)
+    with pytest.raises(MultiteachError, match=r"cls_token is \(1, 1, 96\) in the student but .*\(1, 1, 192\)"):
+        init_from_teacher(narrow, teacher)
+    with pytest.raises(MultiteachError, match=r"student.init_blocks: one index in \[0, 5\] per student block \(3\)"):
+        init_from_teacher(student, teacher, [0, 1, 9])
