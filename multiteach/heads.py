@@ -171,14 +171,47 @@ class GPFMHead(DINOHead):
         super().__init__(in_dim, out_dim, bottleneck_dim=bottleneck, nlayers=1)
 
 
-HEAD_TYPES: dict[str, type[nn.Module]] = {"linear": LinearHead, "mlp": MLPHead, "gpfm": GPFMHead}
+class IdentityHead(nn.Module):
+    """No projection: the student's own tokens are compared with the teacher's (RADIO-style, no adaptor).
+
+    Only for a student as wide as the teacher. Distilling through it makes the student's backbone embedding
+    itself imitate the teacher's, so the exported backbone (which has no heads) keeps the teacher's
+    neighbourhoods; a learned head can absorb part of the mismatch instead.
+
+    Args:
+        in_dim: Student width D.
+        out_dim: Teacher width; must equal ``in_dim``.
+
+    Shapes:
+        (..., D) -> (..., D), unchanged.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        if in_dim != out_dim:
+            raise MultiteachError(
+                f"projection head 'identity' needs the student as wide as the teacher, got {in_dim} -> {out_dim}; "
+                "use kind linear, mlp or gpfm"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x``."""
+        return x
+
+
+HEAD_TYPES: dict[str, type[nn.Module]] = {
+    "linear": LinearHead,
+    "mlp": MLPHead,
+    "gpfm": GPFMHead,
+    "identity": IdentityHead,
+}
 
 
 def build_projection_head(kind: str, in_dim: int, out_dim: int, **kwargs: Any) -> nn.Module:
     """Build a projection head from :data:`HEAD_TYPES` by name.
 
     Args:
-        kind: ``linear``, ``mlp`` or ``gpfm``.
+        kind: ``linear``, ``mlp``, ``gpfm`` or ``identity`` (student as wide as the teacher).
         in_dim: Student width D_in.
         out_dim: Teacher width D_out.
         **kwargs: The kind's own options (``hidden_dim`` for ``mlp``, ``bottleneck`` for ``gpfm``).
