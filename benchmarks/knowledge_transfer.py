@@ -9,7 +9,9 @@ In one run, on this machine:
 2. embeds the labelled sets of shared/data/labeled (LC25000 subset: 5-fold CV; TCGA LUAD/LUSC:
    slide-disjoint train -> test) with four models: the teacher, a random init of the teacher's
    architecture, the student, and the student's random-init twin;
-3. prints kNN and linear-probe balanced accuracy per set, the label-free agreement of each model with the
+3. prints kNN and linear-probe balanced accuracy per set (random inits: the mean over ``--random-seeds``
+   seeds, 5 by default, because one random init's kNN varies by several points from seed to seed), the
+   label-free agreement of each model with the
    teacher (ridge-fitted centred cosine, linear CKA, mutual-kNN@10), the teacher's recorded pretraining
    curve (kNN vs minutes, from the shipped model card folder), and on its last line the ratios:
    teacher gain over random (points), the share of that gain the student keeps, and the student's
@@ -78,12 +80,23 @@ def distil(
     return run_dir, (time.perf_counter() - t0) / 60
 
 
+def random_models(recipe, seeds: list[int]) -> dict[str, list]:
+    """Random inits of both architectures, one per seed: ``{"random teacher": [...], "random student": [...]}``."""
+    teachers, students = [], []
+    for seed in seeds:
+        teachers.append(resolve_model(TEACHER, pretrained=False, seed=seed))
+        torch.manual_seed(seed)
+        students.append(student_embedder(build_student_from(recipe), recipe))
+    return {"random teacher": teachers, "random student": students}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=os.environ.get("MULTITEACH_SHARED", "../shared/data"))
     ap.add_argument("--out", default="runs/bench_transfer")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's schedule.steps")
     ap.add_argument("--run", default=None, help="score this distill_tiny run directory instead of training one")
+    ap.add_argument("--random-seeds", type=int, default=5, help="random inits per architecture, averaged (5)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     shared, out = Path(args.shared), Path(args.out)
@@ -95,39 +108,50 @@ def main() -> None:
         run_dir, minutes = distil(shared, out, args.steps)
     run = load_run_student(run_dir)
     recipe = run.recipe
-    torch.manual_seed(recipe.seed)
-    twin = build_student_from(recipe)
     teacher = resolve_model(TEACHER)
-    models = {
-        "teacher": teacher,
-        "random teacher": resolve_model(TEACHER, pretrained=False, seed=recipe.seed),
-        "student": student_embedder(run.student, recipe),
-        "random student": student_embedder(twin, recipe),
-    }
+    seeds = list(range(args.random_seeds))
+    # one model or several random inits (seeds) per row; a row's figures are the mean over its models
+    rows: dict[str, list] = {"teacher": [teacher], "student": [student_embedder(run.student, recipe)]}
+    rows.update(random_models(recipe, seeds))
     n_teacher = sum(p.numel() for p in teacher.model.parameters())
     n_student = sum(p.numel() for p in run.student.parameters())
     print(
         f"teacher {TEACHER}: {n_teacher / 1e6:.2f}M params; student {recipe.student.arch} "
         f"{recipe.student.kwargs}: {n_student / 1e6:.2f}M ({n_student / n_teacher:.2f}x); "
-        f"distilled {recipe.schedule.steps} steps in {minutes:.1f} min"
+        f"distilled {recipe.schedule.steps} steps in {minutes:.1f} min; random rows: mean of seeds {seeds}"
     )
 
     sets = load_shared_sets(shared / "labeled")
     images = {name: load_images(data.all_paths, 224) for name, data in sets.items()}
-    feats = {m: {n: embed_images(f, images[n]) for n in sets} for m, f in models.items()}
-    scores = {m: {n: classification_scores(sets[n], feats[m][n]) for n in sets} for m in models}
+    feats = {m: [{n: embed_images(f, images[n]) for n in sets} for f in fs] for m, fs in rows.items()}
+    scores = {m: [{n: classification_scores(sets[n], f[n]) for n in sets} for f in fl] for m, fl in feats.items()}
+
+    def mean_score(m: str, name: str, metric: str) -> float:
+        return float(np.mean([s[name][metric] for s in scores[m]]))
+
+    def mean_over(m: str, metric: str) -> float:
+        return float(np.mean([mean_over_sets(s, metric) for s in scores[m]]))
 
     print("\nbalanced accuracy (kNN k=10 / linear probe)")
     print(f"{'model':<16}" + "".join(f"{n:>28}" for n in sets) + f"{'mean':>16}")
-    for m in models:
-        cells = "".join(f"{scores[m][n]['knn']:>19.3f} / {scores[m][n]['linear']:.3f}" for n in sets)
-        mean = f"{mean_over_sets(scores[m], 'knn'):>9.3f} / {mean_over_sets(scores[m], 'linear'):.3f}"
-        print(f"{m:<16}{cells}{mean}")
+    for m in rows:
+        cells = "".join(f"{mean_score(m, n, 'knn'):>19.3f} / {mean_score(m, n, 'linear'):.3f}" for n in sets)
+        print(f"{m:<16}{cells}{mean_over(m, 'knn'):>9.3f} / {mean_over(m, 'linear'):.3f}")
+    for m in ("random teacher", "random student"):
+        per_seed = ", ".join(f"{mean_over_sets(s, 'knn'):.3f}" for s in scores[m])
+        print(f"  {m} kNN per seed: {per_seed} (std {np.std([mean_over_sets(s, 'knn') for s in scores[m]]):.3f})")
 
-    all_feats = {m: np.concatenate([feats[m][n] for n in sets]) for m in models}
-    agree = {m: teacher_agreement(all_feats[m], all_feats["teacher"]) for m in models if m != "teacher"}
-    n_img = len(all_feats["teacher"])
-    print(f"\nagreement with the teacher on {n_img} labelled images (no labels used)")
+    all_feats = {m: [np.concatenate([f[n] for n in sets]) for f in fl] for m, fl in feats.items()}
+    t_all = all_feats["teacher"][0]
+    agree = {
+        m: {
+            k: float(np.mean([teacher_agreement(x, t_all)[k] for x in xs]))
+            for k in ("centred_cosine", "cka", "mutual_knn")
+        }
+        for m, xs in all_feats.items()
+        if m != "teacher"
+    }
+    print(f"\nagreement with the teacher on {len(t_all)} labelled images (no labels used)")
     print(f"{'model':<16}{'centred cos':>12}{'CKA':>8}{'mutual-kNN@10':>15}")
     for m, a in agree.items():
         print(f"{m:<16}{a['centred_cosine']:>12.3f}{a['cka']:>8.3f}{a['mutual_knn']:>15.3f}")
@@ -139,8 +163,8 @@ def main() -> None:
             for row in csv.DictReader(fh):
                 print(f"  step {row['step']:>5}  {row['minutes']:>6} min  {row['knn_mean']} / {row['linear_mean']}")
 
-    knn = {m: mean_over_sets(scores[m], "knn") for m in models}
-    lin = {m: mean_over_sets(scores[m], "linear") for m in models}
+    knn = {m: mean_over(m, "knn") for m in rows}
+    lin = {m: mean_over(m, "linear") for m in rows}
     gain = knn["teacher"] - knn["random teacher"]
     lin_gain = lin["teacher"] - lin["random teacher"]
     kept = (knn["student"] - knn["random student"]) / gain if gain > 0 else float("nan")

@@ -21,7 +21,14 @@ from multiteach.errors import MultiteachError, missing_path
 from multiteach.losses import CompositeLoss, active_teachers, build_loss
 from multiteach.model import DistillModel
 from multiteach.students import Student, build_student, init_from_teacher
-from multiteach.teachers import Teacher, build_teacher
+from multiteach.teachers import (
+    CATALOG,
+    Teacher,
+    build_teacher,
+    resolve_spec,
+    teacher_architecture,
+    weights_architecture,
+)
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +312,6 @@ def teacher_provenance(name: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
         MultiteachError: For a source whose architecture is only known from a config that is not local
             (``hf-hub:`` without ``weights:``).
     """
-    from multiteach.teachers import CATALOG, resolve_spec, teacher_architecture, weights_architecture
-
     overrides = spec_overrides(cfg)
     spec = resolve_spec(cfg.source, **overrides, **({"weights": cfg.weights} if cfg.weights else {}))
     own = "the catalog architecture" if cfg.source in CATALOG else f"the architecture {cfg.source!r} names"

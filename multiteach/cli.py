@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 from multiteach.errors import MultiteachError, RunInterrupted
 
+# Each command's runner imports the modules it needs itself: most of them pull in timm, transformers or
+# sklearn (seconds), and `multiteach --help` or a mistyped argument should not wait for those.
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 

@@ -7,11 +7,14 @@ run's ``curves.png`` at the end of ``multiteach train``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from multiteach.atomic import atomic_write_bytes
 
 #: metrics.jsonl keys that are not loss terms
 NOT_TERMS = ("step", "loss", "lr", "weight_decay", "teacher_temp", "img_per_s")
@@ -75,10 +78,6 @@ def term_figure(series: Sequence[tuple[str, Sequence[dict[str, Any]], bool]], ti
 
 def save_png(fig: Any, path: str | Path) -> Path:
     """Write a figure as PNG via a temp file + rename."""
-    import io
-
-    from multiteach.eval.report import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return atomic_write_bytes(path, buf.getvalue())

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from multiteach.build import build_student_from
 from multiteach.checkpoint import latest_checkpoint
+from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
 from multiteach.students import Student
 
@@ -47,9 +49,6 @@ def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
     Raises:
         MultiteachError: when the folder is not a run directory or has no complete checkpoint.
     """
-    from multiteach.build import build_student_from
-    from multiteach.config import load_recipe
-
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise MultiteachError(f"{run_dir} is not a run directory (no recipe.yaml)")

@@ -23,6 +23,7 @@ from torch import nn
 
 from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.layers import resolve_layer_kwargs
+from multiteach.teachers import conch, resolve_spec
 
 # Architecture kwargs of the tiny stand-ins, by family; each keeps its family's token layout traits.
 TINY_TIMM: dict[str, tuple[str, dict[str, Any]]] = {
@@ -222,8 +223,6 @@ TINY_CONCH = {
 
 def tiny_conch_state(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A tiny CONCH visual tower and its checkpoint dict in the CoCa layout (``visual.*`` keys)."""
-    from multiteach.teachers import conch, resolve_spec
-
     torch.manual_seed(seed)
     visual = conch.architecture(resolve_spec("conch", model_kwargs=TINY_CONCH), device="cpu").eval()
     state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
@@ -234,8 +233,6 @@ def tiny_conch_state(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]
 def write_standin_teachers(folder: str | Path, names: tuple[str, ...] = ("h-optimus-0", "uni")) -> dict[str, Path]:
     """Write tiny stand-ins for catalog teachers of the :data:`TINY_TIMM` families, with each teacher's own
     mean/std, in timm's hub layout; return teacher name -> folder (what a recipe's ``weights:`` takes)."""
-    from multiteach.teachers import resolve_spec
-
     out = {}
     for i, name in enumerate(names):
         spec = resolve_spec(name)

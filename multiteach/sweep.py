@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from multiteach.atomic import atomic_write_text
+from multiteach.checkpoint import latest_checkpoint
 from multiteach.config import check_paths, load_recipe
-from multiteach.curves import term_names
+from multiteach.curves import read_metrics, save_png, term_figure, term_names
 from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.runs import run_progress
+from multiteach.train import StopRequest, recipe_hash, train
 
 log = logging.getLogger("multiteach.sweep")
 
@@ -86,8 +88,6 @@ def run_sweep(source: str, grid: list[str], overrides: list[str] = (), root: str
         SweepInterrupted: after SIGTERM/SIGINT, once the run in progress has checkpointed and the summary
             (marking the unfinished runs) is written; no further run starts.
     """
-    from multiteach.train import StopRequest, train
-
     axes = parse_grid(list(grid))
     base = load_recipe(source, list(overrides))
     base.check_trainable()
@@ -129,9 +129,6 @@ def run_sweep(source: str, grid: list[str], overrides: list[str] = (), root: str
 
 def _is_complete(recipe: Any) -> bool:
     """Whether the recipe's run directory holds a checkpoint of this recipe at ``schedule.steps``."""
-    from multiteach.checkpoint import latest_checkpoint
-    from multiteach.train import recipe_hash
-
     last = latest_checkpoint(recipe.output_dir)
     if last is None:
         return False
@@ -172,8 +169,6 @@ def _plot_curves(root: Path, rows: list[dict[str, Any]], keys: Sequence[str] = (
     """Write ``loss_curves.png``: one panel per loss term (and the total), one line per run that logged
     anything, labelled by its grid values; unfinished runs dashed and labelled with their status and steps.
     Returns the legend labels."""
-    from multiteach.curves import read_metrics, save_png, term_figure
-
     series, labels = [], []
     for row in rows:
         recs = read_metrics(root / row["run"] / "metrics.jsonl")

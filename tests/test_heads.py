@@ -21,10 +21,7 @@ from multiteach.heads import (
     weight_normed_linear,
 )
 
-
-def _numel(module: nn.Module) -> int:
-    """Number of (deduplicated) parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters())
+from .teacher_helpers import n_params
 
 
 def _x(*shape: int) -> torch.Tensor:
@@ -34,9 +31,18 @@ def _x(*shape: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", sorted(HEAD_TYPES))
 def test_head_shapes(kind: str) -> None:
-    head = build_projection_head(kind, 48, 80)
-    assert head(_x(3, 48)).shape == (3, 80)
-    assert head(_x(3, 7, 48)).shape == (3, 7, 80)
+    out = 48 if kind == "identity" else 80  # identity: the student as wide as the teacher
+    head = build_projection_head(kind, 48, out)
+    assert head(_x(3, 48)).shape == (3, out)
+    assert head(_x(3, 7, 48)).shape == (3, 7, out)
+
+
+def test_identity_head_passes_tokens_through_and_needs_equal_widths() -> None:
+    head = build_projection_head("identity", 8, 8)
+    x = _x(2, 5, 8)
+    assert head(x) is x and not list(head.parameters())
+    with pytest.raises(MultiteachError, match=r"'identity' needs the student as wide as the teacher, got 8 -> 12"):
+        build_projection_head("identity", 8, 12)
 
 
 def test_head_kinds_and_defaults() -> None:
@@ -82,15 +88,15 @@ def test_dino_head_shapes_and_param_counts() -> None:
     # Linear(2048->2048): 2048*2048 + 2048 = 4,196,352
     # Linear(2048->256): 2048*256 + 256 = 524,544
     # prototypes: v 1000*256 = 256,000 + g 1000 = 257,000
-    assert _numel(head3) == 788_480 + 4_196_352 + 524_544 + 257_000 == 5_766_376
+    assert n_params(head3) == 788_480 + 4_196_352 + 524_544 + 257_000 == 5_766_376
     head1 = DINOHead(384, 1000, nlayers=1)
     assert head1(_x(2, 9, 384)).shape == (2, 9, 1000)
     assert isinstance(head1.mlp, nn.Linear)
     # Linear(384->256): 384*256 + 256 = 98,560; prototypes 257,000
-    assert _numel(head1) == 98_560 + 257_000 == 355_560
+    assert n_params(head1) == 98_560 + 257_000 == 355_560
     head2 = DINOHead(64, 100, hidden_dim=128, bottleneck_dim=32, nlayers=2)
     # Linear(64->128): 8,320; Linear(128->32): 4,128; prototypes 100*32 + 100 = 3,300
-    assert _numel(head2) == 8_320 + 4_128 + 3_300
+    assert n_params(head2) == 8_320 + 4_128 + 3_300
 
 
 def test_dino_head_bottleneck_is_normalised() -> None:
@@ -123,8 +129,8 @@ def test_projection_heads_builds_exactly_requested(heads: ProjectionHeads) -> No
     # uni gpfm: 192*64 + 64 = 12,352; v 1024*64 = 65,536 + g 1024 -> 78,912
     # conch linear: 192*512 + 512 = 98,816
     # phikon mlp (hidden 32), x2: (192*32 + 32) + (32*768 + 768) = 31,520 -> 63,040
-    parts = [_numel(h) for teacher in heads.heads.values() for h in teacher.values()]
-    assert _numel(heads) == sum(parts) == 78_912 + 98_816 + 63_040 == 240_768
+    parts = [n_params(h) for teacher in heads.heads.values() for h in teacher.values()]
+    assert n_params(heads) == sum(parts) == 78_912 + 98_816 + 63_040 == 240_768
 
 
 def test_projection_heads_forward(heads: ProjectionHeads) -> None:

@@ -12,6 +12,8 @@ from multiteach.losses import LossContext, build_loss
 from multiteach.teachers import resolve_spec
 from multiteach.teachers.base import TeacherOutput
 
+from .teacher_helpers import n_params
+
 D = 32  # student width
 TEACHERS = {name: resolve_spec(name) for name in ("uni", "phikon", "conch", "virchow2")}
 GPFM = {
@@ -35,10 +37,6 @@ def teacher_outputs(b=4):
         name: out(b, spec.embed_dim, spec.grid_at(224), spec.summary_dim, seed=i)
         for i, (name, spec) in enumerate(TEACHERS.items())
     }
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_gpfm_terms_print_and_sum():

@@ -40,22 +40,11 @@ def test_h0mini_heads_and_gpfm_terms():
     assert h0["loss"] == "Loss = 1*dino + 1*ibot"
     # DINO: student head (768->2048->2048->384, 131072 prototypes) + the frozen expert head (1536->...)
     proto = 384 * 131072 + 131072
-    assert h0["loss_terms"]["dino"] == (
-        768 * 2048
-        + 2048
-        + 2048 * 2048
-        + 2048
-        + 2048 * 384
-        + 384
-        + proto
-        + 1536 * 2048
-        + 2048
-        + 2048 * 2048
-        + 2048
-        + 2048 * 384
-        + 384
-        + proto
-    )
+
+    def head(d_in: int) -> int:  # MLP d_in->2048->2048->384 (with biases), then the prototypes
+        return d_in * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 384 + 384 + proto
+
+    assert h0["loss_terms"]["dino"] == head(768) + head(1536)
     gpfm = describe_graph(load_recipe("gpfm"))
     assert gpfm["loss"] == (
         "Loss = 1*uni.cls + 0.25*uni.patch + 0.5*phikon.cls + 0.125*phikon.patch + 1*conch.cls"

@@ -5,6 +5,8 @@ import torch
 
 from multiteach.teachers import CATALOG, LOADERS, Teacher, resolve_spec, teacher_architecture
 
+from .teacher_helpers import n_params
+
 # Published / model-card parameter counts (backbone only).
 PUBLISHED = {
     "uni": 303.35e6,
@@ -16,10 +18,6 @@ PUBLISHED = {
     "h0-mini": 85.74e6,
     "conch": 90.39e6,
 }
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -19,17 +19,11 @@ from multiteach.teachers import CATALOG, build_teacher, conch, conch_v15, resolv
 from multiteach.teachers.doctor import check_weights
 from multiteach.teachers.timm_vit import prepare_state_dict
 
+from .teacher_helpers import images, normalise, write_mahmood_repo
+
 
 def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def images(n=2, size=64, seed=0):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def normalise(x, mean, std):
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 # --- timm: the public create_model calls, real sizes, on the meta device ----------------------------------
@@ -258,21 +252,12 @@ def trident_pool(tokens: torch.Tensor, sd: dict[str, torch.Tensor], heads: int) 
 
 
 def test_conch_v15_loads_a_trident_layout_checkpoint_from_the_hub_cache(hf_cache):
-    from multiteach.standins import write_cache_repo
-
     spec = resolve_spec("conch-v1.5", model_kwargs=TINY_V15)
     torch.manual_seed(1)
     tower = conch_v15.architecture(spec, device="cpu").eval()
     state = {k: v.clone() for k, v in tower.state_dict().items()}
     assert set(state) == trident_conch15_keys(2)  # the file holds exactly TRIDENT's names
-    write_cache_repo(
-        hf_cache,
-        "MahmoodLab/conchv1_5",
-        {
-            "meta.yaml": lambda p: p.write_text("model: conchv1_5\n"),
-            "pytorch_model_vision.bin": lambda p: torch.save(state, p),
-        },
-    )
+    write_mahmood_repo(hf_cache, "MahmoodLab/conchv1_5", "conchv1_5", "pytorch_model_vision.bin", state)
     teacher = build_teacher("conch-v1.5", model_kwargs=TINY_V15, input_size=64)
     x = images(size=64)
     out = teacher(x)

@@ -18,14 +18,7 @@ from multiteach.teachers import build_teacher
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 from multiteach.teachers.catalog_refs import HIBOU_MEAN, HIBOU_STD, HOPTIMUS_MEAN, HOPTIMUS_STD
 
-
-def images(n=2, size=224, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g)
-
-
-def normalise(x, mean, std):
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+from .teacher_helpers import images, normalise, write_mahmood_repo
 
 
 def test_timm_hub_cache_catalog_entry_bit_exact(hf_cache):
@@ -98,14 +91,7 @@ def test_transformers_hub_cache_and_folder(hf_cache, tmp_path):
 
 def test_conch_hub_cache_bit_exact(hf_cache):
     visual, state = tiny_conch_state(seed=6)
-    write_cache_repo(
-        hf_cache,
-        "MahmoodLab/CONCH",
-        {
-            "meta.yaml": lambda p: p.write_text("model: conch_ViT-B-16\n"),
-            "pytorch_model.bin": lambda p: torch.save(state, p),
-        },
-    )
+    write_mahmood_repo(hf_cache, "MahmoodLab/CONCH", "conch_ViT-B-16", "pytorch_model.bin", state)
     teacher = build_teacher("conch", model_kwargs=TINY_CONCH, input_size=64)
     x = images(size=64)
     out = teacher(x)

@@ -15,6 +15,8 @@ from multiteach.errors import MultiteachError
 from multiteach.teachers import CATALOG
 from multiteach.teachers.catalog_refs import HIBOU_MEAN, HIBOU_STD
 
+from .teacher_helpers import images, normalise
+
 # Stand-ins for the two Python files histai/hibou-b ships (config.json maps AutoConfig/AutoModel to them).
 CONFIGURATION = """
 from transformers import Dinov2WithRegistersConfig
@@ -107,11 +109,10 @@ def test_hibou_recipe_with_opt_in_loads_through_the_repo_code(tmp_path, hibou_re
     loaded = teacher.backbone.model
     assert type(loaded).__name__ == "Dinov2ModelWithRegisters"
     assert sys.modules[type(loaded).__module__].RAN_FROM_REPO
-    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = images()
     out = teacher(x)
-    mean, std = torch.tensor(HIBOU_MEAN).view(1, 3, 1, 1), torch.tensor(HIBOU_STD).view(1, 3, 1, 1)
     with torch.inference_mode():
-        ref = model(pixel_values=(x - mean) / std).last_hidden_state
+        ref = model(pixel_values=normalise(x, HIBOU_MEAN, HIBOU_STD)).last_hidden_state
     assert out.grid == (16, 16)
     torch.testing.assert_close(out.summary, ref[:, 0])
     torch.testing.assert_close(out.patch_tokens, ref[:, 5:])

@@ -37,7 +37,16 @@ from multiteach.data.augment import to_tensor01
 from multiteach.data.tiles import IMAGE_ERRORS, load_rgb
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
-from multiteach.teachers import CATALOG, GENERIC_PREFIXES, Teacher, TeacherOutput, build_teacher, resolve_spec
+from multiteach.runs import load_run_student
+from multiteach.teachers import (
+    CATALOG,
+    DTYPES,
+    GENERIC_PREFIXES,
+    Teacher,
+    TeacherOutput,
+    build_teacher,
+    resolve_spec,
+)
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, TokenBackbone
 from multiteach.teachers.timm_vit import TimmTokens
 
@@ -196,8 +205,6 @@ def model_kind(spec: str) -> ModelKind:
 
 # --------------------------------------------------------------------------- loaders
 def _check_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    from multiteach.teachers import DTYPES
-
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise MultiteachError(f"dtype {dtype} not supported; use float32 or bfloat16")
@@ -208,8 +215,6 @@ def _check_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _load_run(spec: str, device: str | torch.device, input_size: int | None, dtype: torch.dtype, use_ema: bool):
-    from multiteach.runs import load_run_student
-
     run = load_run_student(spec, use_ema=use_ema)
     student = run.student.to(device)
     s = run.recipe.student

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from multiteach.build import build_teachers
 from multiteach.errors import MultiteachError
 from multiteach.eval.agreement import centred_cosine, linear_cka, spread
 from multiteach.eval.embed import load_images, resize_batch
@@ -160,8 +161,6 @@ def teacher_fidelity(
         MultiteachError: When the run has no feature term, its heads cannot be restored, a teacher
             cannot be loaded, or ``images`` is empty.
     """
-    from multiteach.build import build_teachers
-
     if not isinstance(run, RunStudent):
         run = load_run_student(run, use_ema=use_ema)
     recipe = run.recipe

@@ -174,6 +174,46 @@ def cv_splits(
         return list(splitter.split(np.zeros(len(y)), y, groups))
 
 
+def train_test_inputs(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The checked ``(train_x, train_y, test_x, test_y)`` of a train/test evaluation.
+
+    Raises:
+        MultiteachError: On empty inputs, mismatched lengths or dimensions, or a single training class.
+    """
+    train_x = as_features(train_x, "train_x")
+    test_x = as_features(test_x, "test_x")
+    check_same_dim(train_x, test_x, ("train_x", "test_x"))
+    train_y = as_labels(train_y, len(train_x), "train_y")
+    test_y = as_labels(test_y, len(test_x), "test_y")
+    check_classes(train_y, "train_y")
+    return train_x, train_y, test_x, test_y
+
+
+def cv_folds(
+    x: Any, y: Any, groups: Any | None, n_splits: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[tuple[np.ndarray, np.ndarray]]]:
+    """The checked embeddings, labels and groups of one labelled set, and its :func:`cv_splits` folds.
+
+    Returns:
+        ``(x, y, groups or None, folds)``.
+
+    Raises:
+        MultiteachError: On bad inputs (see :func:`as_features`, :func:`as_labels`), fewer than two
+            classes, too few samples per class or groups for ``n_splits``, or a training fold that
+            holds a single class.
+    """
+    x = as_features(x, "x")
+    y = as_labels(y, len(x), "y")
+    check_classes(y, "y")
+    g = None if groups is None else as_labels(groups, len(x), "groups")
+    folds = cv_splits(y, g, n_splits, seed)
+    if any(len(np.unique(y[train_idx])) < 2 for train_idx, _ in folds):
+        raise MultiteachError("A training fold holds a single class; use fewer folds or more groups per class.")
+    return x, y, g, folds
+
+
 def summarise_folds(fold_scores: Sequence[dict[str, float]]) -> dict[str, tuple[float, float]]:
     """Mean and standard deviation (ddof=0) of each metric over folds.
 
@@ -261,12 +301,7 @@ def knn_eval(
         MultiteachError: On empty inputs, mismatched lengths or dimensions, a single training
             class, fewer training samples than ``k`` or an unknown metric/weighting.
     """
-    train_x = as_features(train_x, "train_x")
-    test_x = as_features(test_x, "test_x")
-    check_same_dim(train_x, test_x, ("train_x", "test_x"))
-    train_y = as_labels(train_y, len(train_x), "train_y")
-    test_y = as_labels(test_y, len(test_x), "test_y")
-    check_classes(train_y, "train_y")
+    train_x, train_y, test_x, test_y = train_test_inputs(train_x, train_y, test_x, test_y)
     pred = _knn_predict(train_x, train_y, test_x, k, metric, weighting, temperature)
     return classification_scores(test_y, pred)
 
@@ -304,14 +339,9 @@ def knn_cv(
     Raises:
         MultiteachError: As :func:`knn_eval`, plus too few samples per class or groups for ``n_splits``.
     """
-    x = as_features(x, "x")
-    y = as_labels(y, len(x), "y")
-    check_classes(y, "y")
-    g = None if groups is None else as_labels(groups, len(x), "groups")
-    folds = []
-    for train_idx, test_idx in cv_splits(y, g, n_splits, seed):
-        if len(np.unique(y[train_idx])) < 2:
-            raise MultiteachError("A training fold holds a single class; use fewer folds or more groups per class.")
+    x, y, _, folds = cv_folds(x, y, groups, n_splits, seed)
+    scores = []
+    for train_idx, test_idx in folds:
         pred = _knn_predict(x[train_idx], y[train_idx], x[test_idx], k, metric, weighting, temperature)
-        folds.append(classification_scores(y[test_idx], pred))
-    return summarise_folds(folds)
+        scores.append(classification_scores(y[test_idx], pred))
+    return summarise_folds(scores)

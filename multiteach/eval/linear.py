@@ -23,15 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from multiteach.errors import MultiteachError
-from multiteach.eval.knn import (
-    as_features,
-    as_labels,
-    check_classes,
-    check_same_dim,
-    classification_scores,
-    cv_splits,
-    summarise_folds,
-)
+from multiteach.eval.knn import as_labels, classification_scores, cv_folds, summarise_folds, train_test_inputs
 
 #: C values searched when ``C="auto"`` (log-spaced; features are standardised).
 DEFAULT_C_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -125,12 +117,7 @@ def linear_probe(
         MultiteachError: On empty inputs, mismatched lengths or dimensions, a single training class
             or an invalid ``C``.
     """
-    train_x = as_features(train_x, "train_x")
-    test_x = as_features(test_x, "test_x")
-    check_same_dim(train_x, test_x, ("train_x", "test_x"))
-    train_y = as_labels(train_y, len(train_x), "train_y")
-    test_y = as_labels(test_y, len(test_x), "test_y")
-    check_classes(train_y, "train_y")
+    train_x, train_y, test_x, test_y = train_test_inputs(train_x, train_y, test_x, test_y)
     g = None if train_groups is None else as_labels(train_groups, len(train_x), "train_groups")
     probe, c = _fit_probe(train_x, train_y, g, _resolve_grid(C), max_iter, seed)
     return {**classification_scores(test_y, probe.predict(test_x)), "C": c}
@@ -165,15 +152,10 @@ def linear_probe_cv(
     Raises:
         MultiteachError: As :func:`linear_probe`, plus too few samples per class or groups for ``n_splits``.
     """
-    x = as_features(x, "x")
-    y = as_labels(y, len(x), "y")
-    check_classes(y, "y")
-    g = None if groups is None else as_labels(groups, len(x), "groups")
+    x, y, g, folds = cv_folds(x, y, groups, n_splits, seed)
     grid = _resolve_grid(C)
-    folds = []
-    for train_idx, test_idx in cv_splits(y, g, n_splits, seed):
-        if len(np.unique(y[train_idx])) < 2:
-            raise MultiteachError("A training fold holds a single class; use fewer folds or more groups per class.")
+    scores = []
+    for train_idx, test_idx in folds:
         probe, _ = _fit_probe(x[train_idx], y[train_idx], None if g is None else g[train_idx], grid, max_iter, seed)
-        folds.append(classification_scores(y[test_idx], probe.predict(x[test_idx])))
-    return summarise_folds(folds)
+        scores.append(classification_scores(y[test_idx], probe.predict(x[test_idx])))
+    return summarise_folds(scores)

@@ -8,18 +8,17 @@ The chart uses matplotlib's Agg canvas directly (no pyplot, no global backend ch
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import numbers
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from multiteach import atomic
 from multiteach.errors import MultiteachError
 
 Value = float | int | tuple[float, float]
@@ -39,21 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     Returns:
         The written path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.atomic_write_bytes(path, data, mode=0o644)
 
 
 def _split(value: Any, where: str) -> tuple[float, float | None]:

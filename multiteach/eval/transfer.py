@@ -23,6 +23,7 @@ import torch
 
 from multiteach.errors import MultiteachError
 from multiteach.eval.agreement import centred_cosine, linear_cka, mutual_knn
+from multiteach.eval.embed import resize_batch
 from multiteach.eval.labelled import classification_metrics, load_labelled
 
 __all__ = [
@@ -53,8 +54,6 @@ def student_embedder(student: torch.nn.Module, recipe: Any, rule: str = "cls"):
     Returns:
         ``f(x) -> (B, D)``.
     """
-    from multiteach.eval.embed import resize_batch
-
     mean = torch.tensor(recipe.student.mean).view(1, 3, 1, 1)
     std = torch.tensor(recipe.student.std).view(1, 3, 1, 1)
     size = int(recipe.student.img_size)

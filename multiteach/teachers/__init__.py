@@ -26,6 +26,7 @@ from multiteach.teachers import conch, conch_v15, hf_vit, open_clip_tower, timm_
 from multiteach.teachers.base import Teacher, TeacherOutput, TeacherSpec, TokenBackbone
 from multiteach.teachers.catalog import CATALOG
 from multiteach.teachers.shipped import is_shipped, verify_shipped
+from multiteach.teachers.weights import read_json
 
 LOADERS: dict[str, ModuleType] = {
     "timm": timm_vit,
@@ -122,8 +123,6 @@ def weights_architecture(spec: TeacherSpec) -> tuple[nn.Module, TeacherSpec, Pat
         ``(model on meta, spec with that model's width, patch size and prefix tokens, the config.json)``,
         or None when ``spec.weights`` is not a folder with a ``config.json`` or the loader ignores it.
     """
-    from multiteach.teachers.weights import read_json
-
     if not spec.weights:
         return None
     root = Path(spec.weights).expanduser()

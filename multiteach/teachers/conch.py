@@ -25,7 +25,7 @@ from torch import nn
 from multiteach.errors import MultiteachError
 from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
 from multiteach.teachers.keycheck import group_keys
-from multiteach.teachers.weights import assign_state_dict, hub_file, hub_weights, local_weights, read_state_dict
+from multiteach.teachers.weights import assign_state_dict, hub_file, read_state_dict, spec_weights
 
 
 def _conch():
@@ -51,6 +51,40 @@ def tower_config(spec: TeacherSpec) -> dict[str, Any]:
     return cfg
 
 
+def tower_output(tower: nn.Module, x: torch.Tensor, patch: int, embedding: str) -> TeacherOutput:
+    """Run a CONCH-style image tower: a timm-like ``trunk``, an attentional pooler ``attn_pool_contrast`` and a
+    LayerNorm ``ln_contrast`` (CONCH's ``VisualModel``; :class:`~multiteach.teachers.conch_v15.ConchV15Tower`)."""
+    tokens = tower.trunk.forward_features(x)
+    pooled = tower.ln_contrast(tower.attn_pool_contrast(tokens)[:, 0])
+    grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+    return split_tokens(tokens, tower.trunk.num_prefix_tokens, grid, embedding, pooled)
+
+
+def tower_spec(spec: TeacherSpec, tower: nn.Module) -> TeacherSpec:
+    """``spec`` with the widths, patch size and prefix tokens of the loaded CONCH-style ``tower``."""
+    trunk = tower.trunk
+    return spec.replace(
+        embed_dim=int(trunk.num_features),
+        patch_size=int(trunk.patch_embed.patch_size[0]),
+        num_prefix_tokens=int(trunk.num_prefix_tokens),
+        summary_dim=int(tower.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled" else None,
+    )
+
+
+def strip_prefixes(spec: TeacherSpec, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove each of the entry's ``strip_prefixes`` from the keys that carry it (other keys are kept).
+
+    Returns:
+        The state dict and a note per stripped prefix.
+    """
+    notes = []
+    for prefix in spec.strip_prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+            notes.append(f"stripped the {prefix!r} prefix")
+    return sd, notes
+
+
 class ConchTokens(TokenBackbone):
     """Adapter for CONCH's ``VisualModel``.
 
@@ -67,10 +101,7 @@ class ConchTokens(TokenBackbone):
 
     def forward(self, x: torch.Tensor) -> TeacherOutput:
         """(B, 3, H, W) normalised -> TeacherOutput(summary (B, 512), patches (B, H/16*W/16, 768), grid)."""
-        tokens = self.visual.trunk.forward_features(x)
-        pooled = self.visual.ln_contrast(self.visual.attn_pool_contrast(tokens)[:, 0])
-        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
-        return split_tokens(tokens, self.visual.trunk.num_prefix_tokens, grid, self.embedding, pooled)
+        return tower_output(self.visual, x, self.patch, self.embedding)
 
 
 def architecture(spec: TeacherSpec, device: str = "meta") -> nn.Module:
@@ -90,11 +121,7 @@ def prepare_state_dict(spec: TeacherSpec, sd: dict[str, torch.Tensor]) -> tuple[
     Returns:
         The image-tower state dict and notes on what was dropped.
     """
-    notes = []
-    for prefix in spec.strip_prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-            notes.append(f"stripped the {prefix!r} prefix")
+    sd, notes = strip_prefixes(spec, sd)
     if any(k.startswith("visual.") for k in sd):
         dropped = [k for k in sd if not k.startswith("visual.")]
         sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -108,11 +135,7 @@ def prepare_state_dict(spec: TeacherSpec, sd: dict[str, torch.Tensor]) -> tuple[
 
 def weights_file(spec: TeacherSpec) -> Path:
     """The checkpoint for ``spec``: ``weights:`` (file or folder) or the Hub (pinned to ``spec.revision``)."""
-    if spec.weights:
-        return local_weights(spec.weights, ("pytorch_model.bin", "model.safetensors"))
-    if not spec.hub_id:
-        raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
-    return hub_weights(spec.hub_id, spec.gated, ("pytorch_model.bin",), spec.revision)
+    return spec_weights(spec, ("pytorch_model.bin", "model.safetensors"), ("pytorch_model.bin",))
 
 
 def load(
@@ -130,11 +153,4 @@ def load(
     else:
         visual = visual.to(dtype)
     visual.eval()
-    trunk = visual.trunk
-    resolved = spec.replace(
-        embed_dim=int(trunk.num_features),
-        patch_size=int(trunk.patch_embed.patch_size[0]),
-        num_prefix_tokens=int(trunk.num_prefix_tokens),
-        summary_dim=int(visual.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled" else None,
-    )
-    return ConchTokens(visual, spec.embedding), resolved
+    return ConchTokens(visual, spec.embedding), tower_spec(spec, visual)

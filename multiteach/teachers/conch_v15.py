@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from multiteach.errors import MultiteachError
-from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
+from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone
+from multiteach.teachers.conch import strip_prefixes, tower_output, tower_spec
 from multiteach.teachers.timm_vit import create_timm
-from multiteach.teachers.weights import assign_state_dict, hub_weights, local_weights, read_state_dict
+from multiteach.teachers.weights import assign_state_dict, read_state_dict, spec_weights
 
 POOL_KEYS = ("pool_dim", "pool_heads", "pool_queries")
 
@@ -110,10 +110,7 @@ class ConchV15Tokens(TokenBackbone):
 
     def forward(self, x: torch.Tensor) -> TeacherOutput:
         """(B, 3, H, W) normalised -> TeacherOutput(summary (B, 768), patches (B, H/16*W/16, 1024), grid)."""
-        tokens = self.tower.trunk.forward_features(x)
-        pooled = self.tower.ln_contrast(self.tower.attn_pool_contrast(tokens)[:, 0])
-        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
-        return split_tokens(tokens, self.tower.trunk.num_prefix_tokens, grid, self.embedding, pooled)
+        return tower_output(self.tower, x, self.patch, self.embedding)
 
 
 def _split_kwargs(spec: TeacherSpec) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -141,11 +138,7 @@ def prepare_state_dict(
     """
     from timm.layers import resample_abs_pos_embed
 
-    notes = []
-    for prefix in spec.strip_prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-            notes.append(f"stripped the {prefix!r} prefix")
+    sd, notes = strip_prefixes(spec, sd)
     pos, want = sd.get("trunk.pos_embed"), model.trunk.pos_embed
     if pos is not None and pos.ndim == 3 and pos.shape[-1] == want.shape[-1] and pos.shape[1] != want.shape[1]:
         n_prefix = 0 if getattr(model.trunk, "no_embed_class", False) else model.trunk.num_prefix_tokens
@@ -169,11 +162,7 @@ def prepare_state_dict(
 
 def weights_file(spec: TeacherSpec) -> Path:
     """The checkpoint file for ``spec`` (``weights:`` or the Hub, pinned to ``spec.revision``)."""
-    if spec.weights:
-        return local_weights(spec.weights, spec.weight_files)
-    if not spec.hub_id:
-        raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
-    return hub_weights(spec.hub_id, spec.gated, spec.weight_files, spec.revision)
+    return spec_weights(spec, spec.weight_files, spec.weight_files)
 
 
 def load(
@@ -188,11 +177,4 @@ def load(
     else:
         tower = tower.to(dtype)
     tower.eval()
-    trunk = tower.trunk
-    resolved = spec.replace(
-        embed_dim=int(trunk.num_features),
-        patch_size=int(trunk.patch_embed.patch_size[0]),
-        num_prefix_tokens=int(trunk.num_prefix_tokens),
-        summary_dim=int(tower.ln_contrast.normalized_shape[0]) if spec.embedding == "pooled" else None,
-    )
-    return ConchV15Tokens(tower, spec.embedding), resolved
+    return ConchV15Tokens(tower, spec.embedding), tower_spec(spec, tower)

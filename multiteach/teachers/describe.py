@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from multiteach.errors import MultiteachError
+from multiteach.teachers import LOADERS
 from multiteach.teachers.base import TeacherSpec
 from multiteach.teachers.catalog import CATALOG
 from multiteach.teachers.licences import licence_terms
@@ -14,8 +15,6 @@ COLUMNS = ("name", "dim", "patch", "tokens@224", "params", "input", "mean/std", 
 
 
 def _params(spec: TeacherSpec) -> int | None:
-    from multiteach.teachers import LOADERS
-
     try:
         model = LOADERS[spec.loader].architecture(spec)
     except MultiteachError:  # optional loader library missing (e.g. the conch extra)

@@ -31,11 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from multiteach.build import spec_overrides
 from multiteach.errors import MultiteachError
+from multiteach.teachers import conch, conch_v15, hf_vit, resolve_spec, timm_vit
 from multiteach.teachers.base import TeacherSpec
+from multiteach.teachers.catalog import CATALOG
 from multiteach.teachers.headers import FileInfo, meta_tensor, read_file_info
 from multiteach.teachers.keycheck import compare, vit_dims
-from multiteach.teachers.weights import human_bytes
+from multiteach.teachers.weights import hub_weights, human_bytes
 
 log = logging.getLogger("multiteach.teachers.doctor")
 
@@ -126,8 +129,6 @@ def _compare_into(report: Report, model: nn.Module, sd: dict[str, torch.Tensor],
 
 
 def _check_timm(spec: TeacherSpec, report: Report) -> None:
-    from multiteach.teachers import timm_vit
-
     config, path = timm_vit.find_files(spec)
     report.file = str(path)
     arch, kwargs = spec.arch, dict(spec.model_kwargs)
@@ -172,16 +173,12 @@ def _check_prepared(report: Report, path: Path, model: nn.Module, prepare: Any, 
 
 
 def _check_conch(spec: TeacherSpec, report: Report) -> None:
-    from multiteach.teachers import conch
-
     # no size check: a CoCa checkpoint also holds the text towers the loader drops on purpose
     prepare = lambda tensors: conch.prepare_state_dict(spec, tensors)  # noqa: E731
     _check_prepared(report, conch.weights_file(spec), conch.architecture(spec), prepare, size_check=False)
 
 
 def _check_conch_v15(spec: TeacherSpec, report: Report) -> None:
-    from multiteach.teachers import conch_v15
-
     model = conch_v15.architecture(spec)
     prepare = lambda tensors: conch_v15.prepare_state_dict(spec, tensors, model)  # noqa: E731
     _check_prepared(report, conch_v15.weights_file(spec), model, prepare)
@@ -192,8 +189,6 @@ _HF_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_si
 
 
 def _hf_files(spec: TeacherSpec) -> list[Path]:
-    from multiteach.teachers.weights import hub_weights
-
     if spec.weights:
         root = Path(spec.weights).expanduser()
         if root.is_file():
@@ -213,8 +208,6 @@ def _hf_files(spec: TeacherSpec) -> list[Path]:
 
 def _check_transformers(spec: TeacherSpec, report: Report) -> None:
     from transformers import AutoConfig
-
-    from multiteach.teachers import hf_vit
 
     raw = hf_vit.read_config(spec)
     if hf_vit.needs_remote_code(spec, raw) and not spec.trust_remote_code:
@@ -327,8 +320,6 @@ def _note_wrappers(report: Report, info: FileInfo) -> None:
 
 
 def _catalog_names() -> set[str]:
-    from multiteach.teachers.catalog import CATALOG
-
     return set(CATALOG.keys())
 
 
@@ -376,8 +367,6 @@ def check_weights(
     Returns:
         The :class:`Report`; ``report.ok`` (exit code 0) only when the teacher will load exactly.
     """
-    from multiteach.teachers import resolve_spec
-
     if isinstance(spec, str):
         spec = resolve_spec(spec, **overrides)
     elif overrides:
@@ -404,9 +393,6 @@ def preflight(recipe: Any, names: Iterable[str]) -> list[Report]:
     Raises:
         MultiteachError: listing every failing teacher's report.
     """
-    from multiteach.build import spec_overrides
-    from multiteach.teachers import resolve_spec
-
     reports = []
     for name in names:
         cfg = recipe.teachers[name]

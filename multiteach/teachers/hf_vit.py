@@ -16,6 +16,7 @@ from torch import nn
 
 from multiteach.errors import MultiteachError
 from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, split_tokens
+from multiteach.teachers.weights import hub_file, read_json
 
 
 class HFTokens(TokenBackbone):
@@ -85,8 +86,6 @@ def source_of(spec: TeacherSpec) -> str:
 
 def read_config(spec: TeacherSpec) -> dict[str, Any] | None:
     """The raw ``config.json`` of ``spec``'s weights (folder or cached/downloadable Hub file), None if absent."""
-    from multiteach.teachers.weights import hub_file, read_json
-
     if spec.weights:
         path = Path(spec.weights).expanduser()
         path = path if path.is_dir() else path.parent

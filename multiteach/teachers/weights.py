@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -20,6 +20,9 @@ from torch import nn
 
 from multiteach.errors import MultiteachError
 from multiteach.teachers.keycheck import compare
+
+if TYPE_CHECKING:
+    from multiteach.teachers.base import TeacherSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPER_KEYS = ("state_dict", "teacher", "model", "module")
@@ -89,6 +92,16 @@ def local_weights(path: str | Path, candidates: tuple[str, ...] = WEIGHT_FILES) 
                 return p / name
         raise MultiteachError(f"weights folder {p} holds none of {', '.join(candidates)}")
     raise MultiteachError(f"weights path {p} does not exist")
+
+
+def spec_weights(spec: TeacherSpec, local: tuple[str, ...], hub: tuple[str, ...]) -> Path:
+    """The checkpoint of ``spec``: its ``weights:`` (a file, or a folder holding one of ``local``) or else the
+    first of ``hub`` in its Hub repo, pinned to ``spec.revision``."""
+    if spec.weights:
+        return local_weights(spec.weights, local)
+    if not spec.hub_id:
+        raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
+    return hub_weights(spec.hub_id, spec.gated, hub, spec.revision)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -67,14 +67,11 @@ class WSITileDataset:
         thumb_size: int = DEFAULT_THUMB_SIZE,
         max_open: int = 64,
     ) -> None:
-        if isinstance(slides, (str, os.PathLike, TileGrid)):
-            slides = [slides]
-        if not slides:
-            raise MultiteachError("WSITileDataset got no slides.")
         self.transform = transform
         self.max_open = max(1, int(max_open))
-        args, lookup = _prepare(
+        slides, args, lookup = _prepare(
             slides,
+            "WSITileDataset",
             target_mpp=target_mpp,
             tile_size=tile_size,
             overlap=overlap,

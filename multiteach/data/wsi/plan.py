@@ -301,7 +301,8 @@ class _PlanArgs:
 
 
 def _prepare(
-    slides: Sequence[PathLike | TileGrid],
+    slides: PathLike | TileGrid | Sequence[PathLike | TileGrid],
+    caller: str,
     *,
     target_mpp: float,
     tile_size: int,
@@ -310,14 +311,20 @@ def _prepare(
     mpp: float | None,
     mpp_overrides: Mapping[str, float] | None,
     thumb_size: int,
-) -> tuple[_PlanArgs, Callable[[PathLike], float | None]]:
-    """Check every argument before any slide is touched; returns the plan settings and the mpp lookup."""
+) -> tuple[Sequence[PathLike | TileGrid], _PlanArgs, Callable[[PathLike], float | None]]:
+    """Check every argument before any slide is touched; returns the slides (one given alone made a list),
+    the plan settings and the mpp lookup. ``caller`` names the function in the error for no slides."""
+    if isinstance(slides, (str, os.PathLike, TileGrid)):
+        slides = [slides]
+    if not slides:
+        raise MultiteachError(f"{caller} got no slides.")
     _check_plan_args(target_mpp, tile_size, overlap, min_tissue, thumb_size)
     if mpp is not None:
         _check_mpp(mpp, "mpp override")
     _import_openslide()
     lookup = _override_lookup([s for s in slides if not isinstance(s, TileGrid)], mpp, mpp_overrides)
-    return _PlanArgs(float(target_mpp), int(tile_size), float(overlap), float(min_tissue), int(thumb_size)), lookup
+    args = _PlanArgs(float(target_mpp), int(tile_size), float(overlap), float(min_tissue), int(thumb_size))
+    return slides, args, lookup
 
 
 def _plan_one(

@@ -6,7 +6,6 @@ half-written tile or CSV.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +108,9 @@ def write_tiles(
         )
     if not 1 <= int(quality) <= 100:
         raise MultiteachError(f"quality must be in 1..100, got {quality!r}.")
-    if isinstance(slides, (str, os.PathLike, TileGrid)):
-        slides = [slides]
-    if not slides:
-        raise MultiteachError("write_tiles got no slides.")
-    args, lookup = _prepare(
+    slides, args, lookup = _prepare(
         slides,
+        "write_tiles",
         target_mpp=target_mpp,
         tile_size=tile_size,
         overlap=overlap,
