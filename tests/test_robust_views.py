@@ -13,7 +13,7 @@ from PIL import Image
 
 from multiteach.build import build_components, data_loader, robust_views, tile_dataset
 from multiteach.config import load_recipe
-from multiteach.data.perturb import DEFAULT_RANGES, ORDER, Perturbation, RobustViews, heldout_levels
+from multiteach.data.perturb import DEFAULT_RANGES, ORDER, Perturbation, RobustViews, heldout_levels, heldout_suite
 from multiteach.errors import MultiteachError
 from multiteach.losses import LossContext
 from multiteach.losses.terms import InvarianceTerm
@@ -154,6 +154,9 @@ def test_heldout_severities_lie_outside_the_training_ranges():
     for _ in range(200):
         s = trained.sample(g).strengths()
         assert s["hed"] <= 0.2 + 1e-9 and s["gamma"] <= math.log(1.25) + 1e-9 and s["blur"] <= 1.2 + 1e-9
+    with pytest.raises(MultiteachError, match="factor must be > 1"):
+        heldout_levels(ranges, factor=1.0)
+    assert len(heldout_suite(ranges)) == 3 * len(ORDER)  # every kind at 1.25x, 1.5x and 2x beyond its range
     x = torch.rand(2, 3, 32, 32)
     for p in levels.values():
         y = p.apply(x)

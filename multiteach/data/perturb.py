@@ -263,21 +263,33 @@ class RobustViews:
         return Perturbation(**drawn)
 
 
-def heldout_levels(ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Perturbation]:
+#: Severity factors of :func:`heldout_suite`: how far beyond the training range each held-out level lies.
+HELDOUT_FACTORS: tuple[float, ...] = (1.25, 1.5, 2.0)
+
+
+def heldout_levels(
+    ranges: Mapping[str, tuple[float, float]] | None = None, factor: float = 1.5
+) -> dict[str, Perturbation]:
     """Fixed perturbations of each kind at a severity *beyond* the training range (default :data:`DEFAULT_RANGES`).
 
-    hed at 1.5x the highest strength; gamma and gain pushed 15 % past both ends (R up, B down); blur at 1.5x the
-    highest sigma; JPEG at half the lowest quality.
+    With ``f = factor`` (> 1): hed strength ``f * high`` (H up, E down); gamma and gain ``exp(f * log(end))`` at
+    both ends (R past the high end, B past the low end, G unchanged), i.e. ``f`` times as far from 1 in log
+    space as the range's ends; blur sigma ``f * high``; JPEG quality ``low / f``.
 
     Returns:
         Ordered ``name@level -> Perturbation``.
+
+    Raises:
+        MultiteachError: for ``factor <= 1`` (that would not lie beyond the training range).
     """
+    if factor <= 1:
+        raise MultiteachError(f"held-out severity factor must be > 1 (beyond the training range), got {factor}")
     r = {**DEFAULT_RANGES, **(ranges or {})}
-    hed = min(1.0, 1.5 * r["hed"][1])
-    g_lo, g_hi = r["gamma"][0] / 1.15, r["gamma"][1] * 1.15
-    a_lo, a_hi = r["gain"][0] / 1.15, r["gain"][1] * 1.15
-    sigma = 1.5 * max(r["blur"][1], 0.5)
-    quality = max(1, int(r["jpeg"][0] // 2))
+    hed = min(1.0, factor * r["hed"][1])
+    g_lo, g_hi = (math.exp(factor * math.log(v)) for v in r["gamma"])
+    a_lo, a_hi = (math.exp(factor * math.log(v)) for v in r["gain"])
+    sigma = factor * max(r["blur"][1], 0.5)
+    quality = max(1, int(r["jpeg"][0] / factor))
     return {
         f"hed@{hed:.2f}": Perturbation(hed=((1.0 + hed, 1.0 - hed, 1.0), (hed / 5, -hed / 5, 0.0))),
         f"gamma@{g_hi:.2f}/{g_lo:.2f}": Perturbation(gamma=(g_hi, 1.0, g_lo)),
@@ -287,10 +299,12 @@ def heldout_levels(ranges: Mapping[str, tuple[float, float]] | None = None) -> d
     }
 
 
-def heldout_suite(ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Callable[[Tensor], Tensor]]:
-    """:func:`heldout_levels` as ``name -> callable`` (B, 3, H, W) -> (B, 3, H, W), the form
-    :func:`multiteach.eval.robustness.evaluate_perturbations` takes."""
-    return {name: functools.partial(_apply, p) for name, p in heldout_levels(ranges).items()}
+def heldout_suite(
+    ranges: Mapping[str, tuple[float, float]] | None = None, factors: Sequence[float] = HELDOUT_FACTORS
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    """:func:`heldout_levels` at each severity factor, as ``name -> callable`` (B, 3, H, W) -> (B, 3, H, W), the
+    form :func:`multiteach.eval.robustness.evaluate_perturbations` takes."""
+    return {name: functools.partial(_apply, p) for f in factors for name, p in heldout_levels(ranges, f).items()}
 
 
 def _apply(perturbation: Perturbation, x: Tensor) -> Tensor:
