@@ -79,9 +79,11 @@ def test_damaged_shipped_file_names_the_file_and_the_fix(copied, damage):
 
 
 def test_a_student_learns_from_the_tiny_teacher(tmp_path):
-    """A hundred steps of `distill_tiny`: the student's features predict the teacher's on tiles it never
-    saw far better than its random-init twin's do (ridge-fitted centred cosine; measured 0.56 vs 0.39).
-    Mutual-kNN on these 51 tiles does not separate them yet (0.44 vs 0.45): see benchmarks/knowledge_transfer.py."""
+    """A hundred steps of `distill_tiny` from a random student (no `init_from`, so only distillation can move
+    knowledge; a linear head and standardised summary target, which learn fastest from scratch): the student's
+    features predict the teacher's on tiles it never saw far better than its random-init twin's do (ridge-fitted
+    centred cosine; measured 0.56 vs 0.39). The shipped recipe, which also starts from teacher layers, is
+    measured in benchmarks/knowledge_transfer.py."""
     tiles = write_tiles([slide_path()], tmp_path / "tiles", target_mpp=0.5, tile_size=224, min_tissue=0.5)
     held = write_tiles([slide_path()], tmp_path / "held", target_mpp=1.0, tile_size=224, overlap=0.5, min_tissue=0.3)
     assert tiles.total >= 30 and held.total >= 30
@@ -95,6 +97,10 @@ def test_a_student_learns_from_the_tiny_teacher(tmp_path):
         "data.num_workers=0",
         "train.precision=no",
         "teachers.multiteach-tiny.dtype=float32",
+        "student.init_from=null",
+        "heads.multiteach-tiny.kind=linear",
+        "losses.tiny.cls={type: cosine, teacher: multiteach-tiny, standardize: running}",
+        "losses.tiny.patch={type: cosine, teacher: multiteach-tiny, on: patch, weight: 0.5}",
     ]
     run_dir = train(load_recipe("distill_tiny", overrides))
     run = load_run_student(run_dir)
