@@ -20,8 +20,17 @@ from typing import Any
 
 import torch
 
+from multiteach.atomic import atomic_write_bytes
+from multiteach.build import build_student_from
 from multiteach.config import load_recipe
+from multiteach.data.tiles import find_images
+from multiteach.data.wsi import write_tiles
+from multiteach.eval.embed import load_images, resolve_model
+from multiteach.eval.transfer import embed_images, student_embedder, teacher_agreement
+from multiteach.publish import export_run
+from multiteach.runs import load_run_student
 from multiteach.standins import write_standin_teachers
+from multiteach.train import train
 
 log = logging.getLogger("multiteach.demo")
 SLIDE = "CMU-1-Small-Region.svs"
@@ -45,11 +54,6 @@ def knowledge_check(run_dir: Path, images: Path, seed: int = 0) -> dict[str, dic
     Returns:
         ``{"student": {...}, "random twin": {...}}``, each ``{"centred_cosine", "cka", "mutual_knn"}``.
     """
-    from multiteach.build import build_student_from
-    from multiteach.data.tiles import find_images
-    from multiteach.eval.embed import load_images, resolve_model
-    from multiteach.eval.transfer import embed_images, student_embedder, teacher_agreement
-    from multiteach.runs import load_run_student
 
     run = load_run_student(run_dir)
     torch.manual_seed(seed)
@@ -87,11 +91,6 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
         out: Folder for tiles, stand-ins, the run, the export and the knowledge check.
         overrides: Extra recipe overrides (e.g. ``schedule.steps=20`` for a quicker look).
     """
-    from multiteach.data.tiles import find_images
-    from multiteach.data.wsi import write_tiles
-    from multiteach.eval.report import atomic_write_bytes
-    from multiteach.publish import export_run
-    from multiteach.train import train
 
     out = Path(out)
     tiles = write_tiles([slide_path()], out / "tiles", target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)

@@ -45,6 +45,7 @@ import torch
 from multiteach.data.tiles import find_images
 from multiteach.errors import MultiteachError
 from multiteach.eval.embed import embed_folder, load_images, model_kind, resolve_model
+from multiteach.eval.fidelity import teacher_fidelity
 from multiteach.eval.labelled import (
     classification_metrics,
     drop_images,
@@ -296,8 +297,6 @@ def evaluate(
             robustness[name] = per
             say(f"{tag}: robustness on {len(rob_paths)} images x {len(per)} perturbations")
         if kind == "run" and with_fidelity:
-            from multiteach.eval.fidelity import teacher_fidelity
-
             t0 = time.perf_counter()
             try:
                 fid = teacher_fidelity(emb.run, fid_paths, batch_size=batch_size, device=device)
