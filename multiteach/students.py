@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, checkpoint_seq
 from torch import nn
 
@@ -269,7 +270,8 @@ def init_from_teacher(
         name: The teacher's recipe name, for messages.
 
     Returns:
-        The teacher blocks copied, in student order.
+        The teacher blocks copied, in student order. A positional embedding built for another input size is
+        resampled to the student's patch grid.
 
     Raises:
         MultiteachError: if the teacher is not a timm ViT, an index is out of range, the count differs from
@@ -301,6 +303,9 @@ def init_from_teacher(
             f"student.init_from: teacher {name!r} has no {', '.join(wanted[k] for k in missing[:3])} "
             "(the student and teacher ViT layouts differ: registers, class token or norms)"
         )
+    source = dict(source)
+    if "pos_embed" in wanted and source["pos_embed"].shape != target["pos_embed"].shape:
+        source["pos_embed"] = _resampled_pos_embed(source["pos_embed"], student, teacher_vit)
     for key, src in wanted.items():
         if source[src].shape != target[key].shape:
             raise MultiteachError(
@@ -310,3 +315,15 @@ def init_from_teacher(
             )
     student.model.load_state_dict({k: source[src].to(target[k].dtype) for k, src in wanted.items()})
     return blocks
+
+
+def _resampled_pos_embed(pos: torch.Tensor, student: Student, teacher_vit: VisionTransformer) -> torch.Tensor:
+    """The teacher's absolute positional embedding (1, prefix + h*w, D) resampled (bicubic) to the student's
+    patch grid, as timm does when pretrained weights meet another ``img_size``; returned unchanged when the
+    widths or prefix tokens differ (the shape check then names the mismatch)."""
+    prefix = 0 if teacher_vit.no_embed_class else teacher_vit.num_prefix_tokens
+    if student.model.num_prefix_tokens != teacher_vit.num_prefix_tokens or pos.shape[-1] != student.embed_dim:
+        return pos
+    grid = tuple(student.model.patch_embed.grid_size)
+    old = tuple(teacher_vit.patch_embed.grid_size)
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(old), num_prefix_tokens=prefix)

@@ -273,7 +273,11 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 5. the end: every rank holds the same weights; a stopped run says where it stopped ----------
     check_ranks_agree(acc, unwrapped, run_dir)
     acc.wait_for_everyone()
-    acc.end_training()
+    if world > 1:  # trackers only: a gloo group torn down while a peer exits can hang a rank at its very end
+        for tracker in acc.trackers:
+            tracker.finish()
+    else:
+        acc.end_training()
     if stopped_by and step < steps:
         raise RunInterrupted(stopped_by, step, steps, run_dir)
     return run_dir

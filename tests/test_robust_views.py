@@ -202,6 +202,9 @@ def test_init_from_teacher_copies_a_spread_of_blocks():
         assert torch.equal(s_sd[f"blocks.{i}.attn.qkv.weight"], t_sd[f"blocks.{b}.attn.qkv.weight"])
     for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm.weight"):
         assert torch.equal(s_sd[key], t_sd[key])
+    smaller = build_student("vit_tiny_patch16_224", img_size=32, depth=3)  # another input size: grid resampled
+    init_from_teacher(smaller, teacher)
+    assert smaller.model.pos_embed.shape == (1, 1 + 2 * 2, 192)
     narrow = build_student("vit_tiny_patch16_224", img_size=64, depth=3, embed_dim=96, num_heads=3)
     with pytest.raises(MultiteachError, match=r"cls_token is \(1, 1, 96\) in the student but .*\(1, 1, 192\)"):
         init_from_teacher(narrow, teacher)
