@@ -63,27 +63,27 @@ def tcga() -> Path:
 
 
 # --------------------------------------------------------------------------- real data, random ViT-S
-def test_random_vit_small_on_tcga_is_reproducible(tcga, tmp_path):
-    """kNN + probe for a random-init ViT-S/16 at 224 px on the 190 TCGA tiles: same numbers twice.
+def test_random_vit_tiny_on_tcga_is_reproducible(tcga, tmp_path):
+    """kNN + probe for a random-init ViT-Ti/16 at 224 px on the 190 TCGA tiles: same numbers twice.
 
     Its speed (goal: under a minute on 2 CPU cores) is measured by benchmarks/eval_speed.py, not here.
     """
-    first = evaluate(["vit_small_patch16_224"], tcga, pretrained=False, seed=0, out_dir=tmp_path / "a")
-    second = evaluate(["vit_small_patch16_224"], tcga, pretrained=False, seed=0, out_dir=tmp_path / "b")
+    first = evaluate(["vit_tiny_patch16_224"], tcga, pretrained=False, seed=0, out_dir=tmp_path / "a")
+    second = evaluate(["vit_tiny_patch16_224"], tcga, pretrained=False, seed=0, out_dir=tmp_path / "b")
     assert first["metrics"] == second["metrics"]
     assert first["probe"] == second["probe"]
 
     p = first["protocol"]
     assert (p["mode"], p["n_train"], p["n_test"], p["classes"]) == ("train/test", 130, 60, ["LUAD", "LUSC"])
     assert p["groups"] == "labels.csv:group" and p["groups_shared_by_train_and_test"] == 0  # slide-disjoint
-    row = first["metrics"]["vit_small_patch16_224"]
+    row = first["metrics"]["vit_tiny_patch16_224"]
     assert set(row) == {"knn_bacc", "knn_f1", "linear_bacc", "linear_f1"}
     assert all(0.0 <= v <= 1.0 for v in row.values())
-    info = first["models"]["vit_small_patch16_224"]
-    assert (info["kind"], info["input_size"], info["dim"], info["pretrained"]) == ("teacher", 224, 384, False)
+    info = first["models"]["vit_tiny_patch16_224"]
+    assert (info["kind"], info["input_size"], info["dim"], info["pretrained"]) == ("teacher", 224, 192, False)
     on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
     assert on_disk["metrics"] == first["metrics"]
-    assert "| vit_small_patch16_224 |" in (tmp_path / "a" / "results.md").read_text()
+    assert "| vit_tiny_patch16_224 |" in (tmp_path / "a" / "results.md").read_text()
     assert not (tmp_path / "a" / "comparison.png").exists()  # one model: no chart
 
 
