@@ -143,14 +143,9 @@ def main() -> None:
 
     all_feats = {m: [np.concatenate([f[n] for n in sets]) for f in fl] for m, fl in feats.items()}
     t_all = all_feats["teacher"][0]
-    agree = {
-        m: {
-            k: float(np.mean([teacher_agreement(x, t_all)[k] for x in xs]))
-            for k in ("centred_cosine", "cka", "mutual_knn")
-        }
-        for m, xs in all_feats.items()
-        if m != "teacher"
-    }
+    keys = ("centred_cosine", "cka", "mutual_knn")
+    per_model = {m: [teacher_agreement(x, t_all) for x in xs] for m, xs in all_feats.items() if m != "teacher"}
+    agree = {m: {k: float(np.mean([a[k] for a in found])) for k in keys} for m, found in per_model.items()}
     print(f"\nagreement with the teacher on {len(t_all)} labelled images (no labels used)")
     print(f"{'model':<16}{'centred cos':>12}{'CKA':>8}{'mutual-kNN@10':>15}")
     for m, a in agree.items():

@@ -33,7 +33,7 @@ from knowledge_transfer import TEACHER, distil
 
 from multiteach.data.perturb import HELDOUT_FACTORS, ORDER, heldout_suite
 from multiteach.eval.embed import load_images, resolve_model
-from multiteach.eval.robustness import evaluate_perturbations, perturbation_ri
+from multiteach.eval.robustness import copies_ri, embed_copies, plism_pair_metrics
 from multiteach.eval.transfer import (
     classification_scores,
     embed_images,
@@ -85,8 +85,9 @@ def main() -> None:
     for name, embed in models.items():
         feats = {n: embed_images(embed, images[n]) for n in sets}
         scores = {n: classification_scores(sets[n], feats[n]) for n in sets}
-        per = evaluate_perturbations(embed, all_images, suite, ks=(1, 5))
-        ri = perturbation_ri(embed, all_images, labels, suite)
+        copies = embed_copies(embed, all_images, suite)  # one embedding pass serves PLISM metrics and RI
+        per = {p: plism_pair_metrics(copies["clean"], copies[p], ks=(1, 5)) for p in suite}
+        ri = copies_ri(copies, labels)
         rows[name] = {
             "knn": mean_over_sets(scores, "knn"),
             "linear": mean_over_sets(scores, "linear"),

@@ -303,7 +303,6 @@ def init_from_teacher(
             f"student.init_from: teacher {name!r} has no {', '.join(wanted[k] for k in missing[:3])} "
             "(the student and teacher ViT layouts differ: registers, class token or norms)"
         )
-    source = dict(source)
     if "pos_embed" in wanted and source["pos_embed"].shape != target["pos_embed"].shape:
         source["pos_embed"] = _resampled_pos_embed(source["pos_embed"], student, teacher_vit)
     for key, src in wanted.items():

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from multiteach.data.masking import sample_ibot_masks
 from multiteach.data.multicrop import MultiCropTransform, apply_view
-from multiteach.data.perturb import RobustViews
+from multiteach.data.perturb import ORDER, RobustViews
 from multiteach.data.tiles import TileDataset
 
 
@@ -95,7 +95,7 @@ class SeededMultiCrop(Dataset):
             drawn = [self.robust.sample(g) for _ in range(n_global)]
             with _one_thread():
                 out["student_global"] = [p.apply(v) for p, v in zip(drawn, out["global"], strict=True)]
-            out["robust"] = [torch.tensor(list(p.strengths().values()), dtype=torch.float32) for p in drawn]
+            out["robust"] = [torch.tensor([p.strengths()[k] for k in ORDER], dtype=torch.float32) for p in drawn]
         return out
 
 

@@ -285,17 +285,36 @@ def evaluate_perturbations(
     if images.ndim != 4 or images.shape[0] < 2:
         raise MultiteachError(f"evaluate_perturbations needs a batch of at least 2 images, got {tuple(images.shape)}.")
     suite = perturbation_suite(0) if suite is None else suite
+    copies = embed_copies(embed, images, suite, batch_size)
+    return {name: plism_pair_metrics(copies["clean"], copies[name], ks) for name in suite}
 
-    def run(transform: Callable[[Tensor], Tensor] | None) -> np.ndarray:
-        chunks = []
-        with torch.no_grad():
+
+def embed_copies(
+    embed: Callable[[Tensor], Any],
+    images: Tensor,
+    suite: Mapping[str, Callable[[Tensor], Tensor]],
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """Embeddings of the clean images and of each perturbed copy, for PLISM metrics and the RI alike.
+
+    Args:
+        embed: Maps (b, 3, H, W) in [0, 1] to (b, D) (tensor or array); called under ``torch.no_grad()``.
+        images: Clean images (N, 3, H, W) in [0, 1].
+        suite: name -> perturbation.
+        batch_size: Images per ``embed`` call.
+
+    Returns:
+        ``{"clean": (N, D), name: (N, D), ...}`` in suite order.
+    """
+    out = {}
+    with torch.no_grad():
+        for site, fn in {"clean": None, **suite}.items():
+            chunks = []
             for start in range(0, images.shape[0], int(batch_size)):
                 batch = images[start : start + int(batch_size)]
-                chunks.append(as_features(embed(batch if transform is None else transform(batch)), "embed output"))
-        return np.concatenate(chunks)
-
-    clean = run(None)
-    return {name: plism_pair_metrics(clean, run(fn), ks) for name, fn in suite.items()}
+                chunks.append(as_features(embed(batch if fn is None else fn(batch)), "embed output"))
+            out[site] = np.concatenate(chunks)
+    return out
 
 
 #: ``multiteach eval --perturbations`` choices.
@@ -337,17 +356,22 @@ def perturbation_ri(
     Returns:
         :func:`robustness_index`'s dict (``ri``, ``ri_odds``, ``k``, ``support``).
     """
-    images = check_images(images)
-    copies = {"clean": None, **suite}
-    feats, sites = [], []
-    with torch.no_grad():
-        for site, fn in copies.items():
-            for start in range(0, images.shape[0], int(batch_size)):
-                batch = images[start : start + int(batch_size)]
-                feats.append(as_features(embed(batch if fn is None else fn(batch)), "embed output"))
-            sites += [site] * images.shape[0]
-    n = images.shape[0]
+    return copies_ri(embed_copies(embed, check_images(images), suite, batch_size), labels)
+
+
+def copies_ri(copies: Mapping[str, np.ndarray], labels: Any) -> dict[str, float]:
+    """:func:`robustness_index` of :func:`embed_copies` output: each copy a site, copies of one image a group.
+
+    Args:
+        copies: ``{"clean": (N, D), name: (N, D), ...}``.
+        labels: Each image's class, (N,).
+
+    Returns:
+        :func:`robustness_index`'s dict.
+    """
+    n = len(copies["clean"])
     bio = np.tile(np.asarray(labels), len(copies))
     groups = np.tile(np.arange(n), len(copies))
+    sites = np.repeat(np.asarray(list(copies)), n)
     ks = tuple(k for k in DEFAULT_RI_KS if k <= len(bio) - len(copies))
-    return robustness_index(np.concatenate(feats), bio, np.asarray(sites), k=ks or (1,), groups=groups)
+    return robustness_index(np.concatenate(list(copies.values())), bio, sites, k=ks or (1,), groups=groups)

@@ -248,6 +248,7 @@ def evaluate(
     rob_tensor = load_images(rob_paths, int(robustness_size), batch_size) if rob_paths else None
     ri_idx = np.sort(np.random.default_rng(seed).permutation(n_img)[: int(max_images)])
     ri_images = load_images([labelled.all_paths[i] for i in ri_idx], int(robustness_size)) if rob_paths else None
+    ri_labels = np.concatenate([labelled.train_labels, labelled.test_labels])[ri_idx]
     fid_paths = _subset(labelled.test_paths if labelled.split else labelled.train_paths, int(max_images), seed)
 
     table: dict[str, dict[str, Any]] = {}
@@ -291,8 +292,7 @@ def evaluate(
             seconds["robustness"] = time.perf_counter() - t0
             for metric in next(iter(per.values())):
                 row[f"robust_{metric}"] = float(np.mean([v[metric] for v in per.values()]))
-            labels = np.concatenate([labelled.train_labels, labelled.test_labels])[ri_idx]
-            ri_out[name] = perturbation_ri(emb, ri_images, labels, suite, batch_size=batch_size)
+            ri_out[name] = perturbation_ri(emb, ri_images, ri_labels, suite, batch_size=batch_size)
             row["robust_ri"] = ri_out[name]["ri"]
             robustness[name] = per
             say(f"{tag}: robustness on {len(rob_paths)} images x {len(per)} perturbations")
