@@ -3,7 +3,7 @@
 Importing this package registers the built-in term types in :data:`LOSSES`.
 """
 
-from multiteach.losses import terms  # noqa: F401  (registers the built-in term types)
+from multiteach.losses import similarity, terms  # noqa: F401  (register the built-in term types)
 from multiteach.losses.base import (
     LOSSES,
     BuildInfo,

@@ -40,7 +40,7 @@ def _choice(term: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _teacher_spec(term: str, teacher: Any, info: BuildInfo, key: str = "teacher") -> TeacherSpec:
+def teacher_spec(term: str, teacher: Any, info: BuildInfo, key: str = "teacher") -> TeacherSpec:
     if teacher not in info.teachers:
         known = ", ".join(info.teachers) or "none"
         raise MultiteachError(
@@ -113,7 +113,7 @@ class FeatureTerm(LossTerm):
             raise MultiteachError(
                 f"losses.{name}: a {cfg['type']} term needs `teacher:` (one of {', '.join(info.teachers)})"
             )
-        spec = _teacher_spec(name, cfg["teacher"], info)
+        spec = teacher_spec(name, cfg["teacher"], info)
         on = _choice(name, "on", cfg.get("on", "summary"), TARGETS)
         if on == "patch" and not spec.patch_tokens:
             raise MultiteachError(
@@ -242,7 +242,7 @@ class _PrototypeTerm(LossTerm):
         target = kwargs.get("target", "ema")
         target_dim = info.student_dim
         if target != "ema":
-            spec = _teacher_spec(name, target, info, key="target")
+            spec = teacher_spec(name, target, info, key="target")
             target_dim = cls._target_dim(spec)
         return cls(name, cfg["weight"], student_dim=info.student_dim, target_dim=target_dim, **kwargs)
 
