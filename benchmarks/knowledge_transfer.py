@@ -6,13 +6,14 @@ In one run, on this machine:
 1. distils the teacher into the built-in `distill_tiny` student (ViT-Ti width, 5 blocks: < half the
    teacher's parameters) on the real H&E tiles the teacher was pretrained on (shared/data/unlabeled_tiles_224
    + the two shared slides re-tiled), timing it;
-2. embeds the labelled sets of shared/data/labeled (LC25000 subset: 5-fold CV; TCGA LUAD/LUSC:
-   slide-disjoint train -> test) with four models: the teacher, a random init of the teacher's
-   architecture, the student, and the student's random-init twin;
+2. embeds the labelled sets of shared/data/labeled (LC25000 subset: 5-fold CV repeated over
+   ``--cv-repeats`` fold seeds, 10 by default; TCGA LUAD/LUSC: slide-disjoint train -> test) with four
+   models: the teacher, a random init of the teacher's architecture, the student, and the student's
+   random-init twin;
 3. prints kNN and linear-probe balanced accuracy per set (random inits: the mean over ``--random-seeds``
    seeds, 5 by default, because one random init's kNN varies by several points from seed to seed), the
-   label-free agreement of each model with the
-   teacher (ridge-fitted centred cosine, linear CKA, mutual-kNN@10), the teacher's recorded pretraining
+   label-free agreement of each model with the teacher (ridge-fitted centred cosine, linear CKA,
+   mutual-kNN@10), the teacher's recorded pretraining
    curve (kNN vs minutes, from the shipped model card folder), and on its last line the ratios:
    teacher gain over random (points), the share of that gain the student keeps, and the student's
    mutual-kNN agreement over its random twin's.
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's schedule.steps")
     ap.add_argument("--run", default=None, help="score this distill_tiny run directory instead of training one")
     ap.add_argument("--random-seeds", type=int, default=5, help="random inits per architecture, averaged (5)")
+    ap.add_argument(
+        "--cv-repeats", type=int, default=10, help="fold seeds of the repeated 5-fold CV on sets without a split (10)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     shared, out = Path(args.shared), Path(args.out)
@@ -124,7 +128,10 @@ def main() -> None:
     sets = load_shared_sets(shared / "labeled")
     images = {name: load_images(data.all_paths, 224) for name, data in sets.items()}
     feats = {m: [{n: embed_images(f, images[n]) for n in sets} for f in fs] for m, fs in rows.items()}
-    scores = {m: [{n: classification_scores(sets[n], f[n]) for n in sets} for f in fl] for m, fl in feats.items()}
+    scores = {
+        m: [{n: classification_scores(sets[n], f[n], cv_repeats=args.cv_repeats) for n in sets} for f in fl]
+        for m, fl in feats.items()
+    }
 
     def mean_score(m: str, name: str, metric: str) -> float:
         return float(np.mean([s[name][metric] for s in scores[m]]))
@@ -132,7 +139,7 @@ def main() -> None:
     def mean_over(m: str, metric: str) -> float:
         return float(np.mean([mean_over_sets(s, metric) for s in scores[m]]))
 
-    print("\nbalanced accuracy (kNN k=10 / linear probe)")
+    print(f"\nbalanced accuracy (kNN k=10 / linear probe; sets without a split: 5-fold CV x {args.cv_repeats} seeds)")
     print(f"{'model':<16}" + "".join(f"{n:>28}" for n in sets) + f"{'mean':>16}")
     for m in rows:
         cells = "".join(f"{mean_score(m, n, 'knn'):>19.3f} / {mean_score(m, n, 'linear'):.3f}" for n in sets)

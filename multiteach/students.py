@@ -263,8 +263,13 @@ def init_from_teacher(
     """Copy a timm ViT teacher's patch embedding, prefix tokens, positional embedding, final norm and a subset
     of its blocks into the student (DistilBERT's initialisation, Sanh et al. 2019), in place.
 
+    A student whose MLPs are narrower than the teacher's (``student.kwargs.mlp_ratio``) receives each copied
+    block's most important hidden units (width pruning, see :func:`_prune_mlp_hidden`): depth and MLP width
+    can both be cut.
+
     Args:
-        student: The student to initialise; its width, patch size and block layout must match the teacher's.
+        student: The student to initialise; its width, patch size and block layout must match the teacher's
+            (its MLP hidden width may be smaller).
         teacher_vit: The teacher's timm ``VisionTransformer``.
         blocks: Teacher block index for each student block (default :func:`spread_blocks`).
         name: The teacher's recipe name, for messages.
@@ -305,15 +310,39 @@ def init_from_teacher(
         )
     if "pos_embed" in wanted and source["pos_embed"].shape != target["pos_embed"].shape:
         source["pos_embed"] = _resampled_pos_embed(source["pos_embed"], student, teacher_vit)
+    tensors = {key: source[src] for key, src in wanted.items()}
+    for i in range(n_student):
+        _prune_mlp_hidden(tensors, f"blocks.{i}.mlp.", target)
     for key, src in wanted.items():
-        if source[src].shape != target[key].shape:
+        if tensors[key].shape != target[key].shape:
             raise MultiteachError(
                 f"student.init_from: {key} is {tuple(target[key].shape)} in the student but {src} is "
-                f"{tuple(source[src].shape)} in teacher {name!r}; the student needs the teacher's width, patch "
-                "size and positional-embedding grid (student.img_size = the teacher's input size)"
+                f"{tuple(tensors[key].shape)} in teacher {name!r}; the student needs the teacher's width, patch "
+                "size and positional-embedding grid (student.img_size = the teacher's input size), and an MLP "
+                "hidden width no larger than the teacher's"
             )
-    student.model.load_state_dict({k: source[src].to(target[k].dtype) for k, src in wanted.items()})
+    student.model.load_state_dict({k: v.to(target[k].dtype) for k, v in tensors.items()})
     return blocks
+
+
+def _prune_mlp_hidden(tensors: dict[str, torch.Tensor], prefix: str, target: Mapping[str, torch.Tensor]) -> None:
+    """Width pruning of one block's MLP, in place: when the student's hidden width ``h_s`` is smaller than the
+    teacher's, keep the teacher's ``h_s`` hidden units with the largest ``||fc1 row|| * ||fc2 column||``
+    (magnitude importance; Minitron (Muralidharan et al. 2024) prunes MLP neurons by importance, then distils).
+
+    ``tensors`` maps student keys to the teacher tensors they will receive: fc1 (h_t, D) + bias (h_t,), fc2
+    (D, h_t). Anything else (another MLP layout, a wider student) is left for the caller's shape check.
+    """
+    w1, b1, w2 = (f"{prefix}fc1.weight", f"{prefix}fc1.bias", f"{prefix}fc2.weight")
+    if w1 not in tensors or w2 not in tensors or tensors[w1].dim() != 2:
+        return
+    h_t, h_s = tensors[w1].shape[0], target[w1].shape[0]
+    if h_s >= h_t or tensors[w1].shape[1] != target[w1].shape[1] or tensors[w2].shape[1] != h_t:
+        return
+    keep = (tensors[w1].norm(dim=1) * tensors[w2].norm(dim=0)).topk(h_s).indices.sort().values
+    tensors[w1], tensors[w2] = tensors[w1][keep], tensors[w2][:, keep]
+    if b1 in tensors:
+        tensors[b1] = tensors[b1][keep]
 
 
 def _resampled_pos_embed(pos: torch.Tensor, student: Student, teacher_vit: VisionTransformer) -> torch.Tensor:

@@ -320,3 +320,21 @@ def test_clear_errors():
         robustness_index(x, y, y, k=20)
     with pytest.raises(MultiteachError, match="float image"):
         jpeg_compress(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), 90)
+
+
+def test_repeated_cv_averages_fold_seeds_and_a_fixed_split_is_scored_once():
+    from pathlib import Path
+
+    from multiteach.eval.labelled import LabelledSet
+    from multiteach.eval.transfer import classification_scores
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1, 2], 20)
+    x = rng.normal(size=(60, 8)) + 0.8 * np.eye(8)[y]  # overlapping classes: fold seeds disagree
+    paths = [Path(f"{i}.png") for i in range(60)]
+    cv = LabelledSet(Path("."), False, ["a", "b", "c"], paths, y, [], np.array([]))
+    single = [classification_scores(cv, x, seed=s)["knn"] for s in range(3)]
+    assert len(set(single)) > 1
+    assert classification_scores(cv, x, seed=0, cv_repeats=3)["knn"] == pytest.approx(np.mean(single))
+    split = LabelledSet(Path("."), True, ["a", "b", "c"], paths[:45], y[:45], paths[45:], y[45:])
+    assert classification_scores(split, x, cv_repeats=5) == classification_scores(split, x)

@@ -210,3 +210,31 @@ def test_init_from_teacher_copies_a_spread_of_blocks():
         init_from_teacher(narrow, teacher)
     with pytest.raises(MultiteachError, match=r"student.init_blocks: one index in \[0, 5\] per student block \(3\)"):
         init_from_teacher(student, teacher, [0, 1, 9])
+
+
+def test_init_from_teacher_prunes_a_narrower_mlp_to_its_most_important_units():
+    torch.manual_seed(0)
+    teacher = build_student("vit_tiny_patch16_224", img_size=32, depth=2).model
+    with torch.no_grad():  # make units 5 and 700 of block 1 the two largest by ||fc1 row|| * ||fc2 column||
+        teacher.blocks[1].mlp.fc1.weight[[5, 700]] *= 10
+    student = build_student("vit_tiny_patch16_224", img_size=32, depth=2, mlp_ratio=0.25)  # 768 -> 48 units
+    init_from_teacher(student, teacher)
+    t, s = teacher.blocks[1].mlp, student.model.blocks[1].mlp
+    importance = t.fc1.weight.norm(dim=1) * t.fc2.weight.norm(dim=0)
+    keep = importance.topk(48).indices.sort().values
+    assert {5, 700} <= set(keep.tolist())
+    assert torch.equal(s.fc1.weight, t.fc1.weight[keep]) and torch.equal(s.fc1.bias, t.fc1.bias[keep])
+    assert torch.equal(s.fc2.weight, t.fc2.weight[:, keep]) and torch.equal(s.fc2.bias, t.fc2.bias)
+    x = torch.randn(2, 3, 32, 32)
+    full = student.model.forward_features(x)
+    with torch.no_grad():  # the student computes exactly the teacher with the other units silenced
+        pruned_teacher = build_student("vit_tiny_patch16_224", img_size=32, depth=2).model
+        pruned_teacher.load_state_dict(teacher.state_dict())
+        for blk in pruned_teacher.blocks:
+            imp = blk.mlp.fc1.weight.norm(dim=1) * blk.mlp.fc2.weight.norm(dim=0)
+            drop = imp.topk(768 - 48, largest=False).indices
+            blk.mlp.fc2.weight[:, drop] = 0
+    assert torch.allclose(full, pruned_teacher.forward_features(x), atol=1e-5)
+    wider = build_student("vit_tiny_patch16_224", img_size=32, depth=2, mlp_ratio=5)
+    with pytest.raises(MultiteachError, match=r"an MLP hidden width no larger than the teacher's"):
+        init_from_teacher(wider, teacher)

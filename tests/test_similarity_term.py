@@ -32,10 +32,8 @@ def test_loss_is_smallest_when_the_student_points_where_the_teacher_does():
     anchors = F.normalize(torch.randn(64, 8, generator=g), dim=-1)
     same = similarity_distillation(teacher * 3.0, teacher, anchors, 0.1, 0.1)  # the norm does not matter
     shuffled = similarity_distillation(teacher.roll(1, 0), teacher, anchors, 0.1, 0.1)
-    p_t = torch.softmax(F.normalize(teacher, dim=-1) @ anchors.T / 0.1, -1)
-    entropy = -(p_t * p_t.log()).sum(-1).mean()
-    assert torch.allclose(same, entropy, atol=1e-5)  # cross-entropy = entropy exactly at the optimum
-    assert shuffled > same + 0.5
+    assert abs(float(same)) < 1e-5  # KL = 0 exactly at the optimum
+    assert shuffled > 0.5
 
 
 def test_queue_fills_first_in_first_out_and_survives_a_checkpoint():

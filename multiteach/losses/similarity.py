@@ -5,10 +5,10 @@ Feature terms make the student's embedding point where the teacher's points; thi
 student's summary (through the teacher's projection head) and the teacher's summary are both compared with
 a bank of anchors, the teacher's own L2-normalised summaries of recent images (the current batch, then a
 FIFO queue of earlier batches), and the student's softmax over those similarities is trained towards the
-teacher's with cross-entropy. This is SEED (Fang et al., ICLR 2021) and CompRess (Abbasi Koohpayegani et
-al., NeurIPS 2020), who found it keeps more of a self-supervised teacher's nearest-neighbour accuracy than
-regressing its features. The anchors come from a frozen teacher, so queued entries never go stale (unlike a
-MoCo queue of a moving encoder).
+teacher's with cross-entropy (logged as the KL divergence, 0 when the rankings agree). This is SEED (Fang
+et al., ICLR 2021) and CompRess (Abbasi Koohpayegani et al., NeurIPS 2020), who found it keeps more of a
+self-supervised teacher's nearest-neighbour accuracy than regressing its features. The anchors come from a
+frozen teacher, so queued entries never go stale (unlike a MoCo queue of a moving encoder).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from multiteach.losses.terms import teacher_spec
 def similarity_distillation(
     student: torch.Tensor, teacher: torch.Tensor, anchors: torch.Tensor, t_temp: float, s_temp: float
 ) -> torch.Tensor:
-    """Cross-entropy between the teacher's and the student's softmax over similarities to anchors.
+    """KL divergence from the teacher's to the student's softmax over similarities to anchors.
+
+    The cross-entropy SEED trains with, minus the teacher's entropy (a constant): the same gradient, and a
+    logged value that reaches 0 when the student ranks the anchors exactly as the teacher does.
 
     Args:
         student: (B, D) student embeddings in the teacher's space (any norm).
@@ -37,12 +40,12 @@ def similarity_distillation(
         s_temp: Student softmax temperature.
 
     Returns:
-        Scalar: mean over rows of ``-sum_k p_t(k) log p_s(k)``.
+        Scalar: mean over rows of ``sum_k p_t(k) (log p_t(k) - log p_s(k))``.
     """
-    s_logits = F.normalize(student, dim=-1) @ anchors.T / s_temp
+    s_log = torch.log_softmax(F.normalize(student, dim=-1) @ anchors.T / s_temp, dim=-1)
     with torch.no_grad():
-        p_t = torch.softmax(F.normalize(teacher, dim=-1) @ anchors.T / t_temp, dim=-1)
-    return -(p_t * torch.log_softmax(s_logits, dim=-1)).sum(-1).mean()
+        t_log = torch.log_softmax(F.normalize(teacher, dim=-1) @ anchors.T / t_temp, dim=-1)
+    return (t_log.exp() * (t_log - s_log)).sum(-1).mean()
 
 
 def _check_number(term: str, key: str, value: Any, integer: bool = False) -> None:
@@ -125,7 +128,7 @@ class SimilarityTerm(LossTerm):
         self.filled.fill_(min(size, int(self.filled) + batch.shape[0]))
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        """Cross-entropy of the student's similarity distribution to the teacher's, over the anchors."""
+        """KL divergence of the student's similarity distribution from the teacher's, over the anchors."""
         s = ctx.heads(self.teacher, "summary", ctx.student_global.summary).float()
         t = ctx.teachers[self.teacher].summary.float()
         t_n = F.normalize(t, dim=-1).detach()
