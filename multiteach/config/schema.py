@@ -379,7 +379,10 @@ class TrainConfig:
         log_every: Steps between metric lines.
         checkpoint_every: Steps between checkpoints.
         trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...).
-        keep_ema: Keep an EMA copy of the student (and export it).
+        keep_ema: Keep an EMA copy of the student and export it (off by default). A recipe with a
+            DINO/iBOT ``target: ema`` term has the EMA anyway (it is the target) and exports it. The EMA follows
+            ``schedule.ema_momentum`` (0.996 -> 1.0: it averages over ~250 steps and stops moving at the end),
+            so it pays off over long runs; over a few hundred steps it lags the live weights far behind.
         num_processes_hint: Expected process count, for messages and batch checks only.
         health_check: What to do when a teacher's output is ~constant across images, a running standardiser
             has ~0 variance, or a term stays flat over its first logs (:mod:`multiteach.health`): ``warn``
@@ -395,7 +398,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     trackers: list[str] = field(default_factory=list)
-    keep_ema: bool = True
+    keep_ema: bool = False
     num_processes_hint: int | None = None
     health_check: Literal["warn", "error", "off"] = "warn"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
