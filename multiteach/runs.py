@@ -43,8 +43,9 @@ def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
 
     Args:
         run_dir: A run directory written by ``multiteach train``.
-        use_ema: Take the EMA weights (the spare EMA that DINOv2/H0-mini export) when the run kept one;
-            otherwise the live weights.
+        use_ema: Take the EMA weights when the recipe kept them on purpose (``train.keep_ema``: the spare
+            EMA that DINOv2/H0-mini export); otherwise the live weights. An EMA that only served as the target
+            of a DINO/iBOT term is not exported unless ``keep_ema`` says so.
 
     Raises:
         MultiteachError: when the folder is not a run directory or has no complete checkpoint.
@@ -56,7 +57,8 @@ def load_run_student(run_dir: str | Path, use_ema: bool = True) -> RunStudent:
     if ckpt is None:
         raise MultiteachError(f"{run_dir} has no complete checkpoint to export")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    which = "ema" if use_ema and (ckpt / "ema.safetensors").is_file() else "live"
+    kept = bool(recipe.train.keep_ema) and (ckpt / "ema.safetensors").is_file()
+    which = "ema" if use_ema and kept else "live"
     sd = load_file(str(ckpt / ("ema.safetensors" if which == "ema" else "model.safetensors")))
     student = build_student_from(recipe)
     student.load_state_dict({k[len(STUDENT_PREFIX) :]: v for k, v in sd.items() if k.startswith(STUDENT_PREFIX)})

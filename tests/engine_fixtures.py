@@ -63,7 +63,7 @@ losses:
   ibot: {{type: ibot, out_dim: 64, hidden_dim: 32, bottleneck_dim: 16, share_head_with: dino}}
 optim: {{lr: 1.0e-3, batch_size: {batch}, warmup_steps: 2}}
 schedule: {{steps: {steps}}}
-train: {{log_every: 2, checkpoint_every: {checkpoint_every}}}
+train: {{log_every: 2, checkpoint_every: {checkpoint_every}, keep_ema: true}}
 {extra}
 """)
     return path

@@ -14,6 +14,7 @@ from multiteach.checkpoint import latest_checkpoint, save_checkpoint
 from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.errors import MultiteachError
+from multiteach.runs import load_run_student
 from multiteach.train import train
 
 from .engine_fixtures import ENV, REPO, cli, interrupt, recipe_yaml, torchrun, write_tiles
@@ -38,6 +39,21 @@ def test_run_directory_is_readable(tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003", "step_00000006"] or sorted(
         p.name for p in (run / "checkpoints").iterdir()
     ) == ["step_00000003", "step_00000006"]
+
+
+def test_a_run_exports_its_live_weights_unless_it_keeps_an_ema_on_purpose(tmp_path):
+    """The DINO/iBOT target is an EMA, but only ``train.keep_ema: true`` makes it the exported student."""
+    run = train(load_recipe(recipe_yaml(tmp_path, steps=2, checkpoint_every=2), ["train.keep_ema=false"]))
+    ckpt = latest_checkpoint(run)
+    assert (ckpt / "ema.safetensors").is_file()  # the DINO target is checkpointed for resuming
+    live = load_run_student(run)
+    assert live.weights == "live"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.equal(v, saved[f"student.{k}"]) for k, v in live.student.state_dict().items())
+    no_dino = ["train.keep_ema=false", "losses.dino=null", "losses.ibot=null", "data.masking=null"]
+    run = train(load_recipe(recipe_yaml(tmp_path / "plain", steps=2, checkpoint_every=2), no_dino))
+    assert not (latest_checkpoint(run) / "ema.safetensors").exists()  # no EMA kept at all by default
+    assert load_recipe("distill_tiny").train.keep_ema is False and load_recipe("h0mini").train.keep_ema is True
 
 
 def test_two_processes_equal_one_process(tmp_path):

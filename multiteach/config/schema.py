@@ -380,7 +380,8 @@ class TrainConfig:
         checkpoint_every: Steps between checkpoints.
         trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...).
         keep_ema: Keep an EMA copy of the student and export it (off by default). A recipe with a
-            DINO/iBOT ``target: ema`` term has the EMA anyway (it is the target) and exports it. The EMA follows
+            DINO/iBOT ``target: ema`` term has an EMA anyway (it is the target), but exports it only with
+            ``keep_ema: true`` (as ``pretrain_tiny``, ``h0mini``, ``g2l`` and ``gpfm`` do). The EMA follows
             ``schedule.ema_momentum`` (0.996 -> 1.0: it averages over ~250 steps and stops moving at the end),
             so it pays off over long runs; over a few hundred steps it lags the live weights far behind.
         num_processes_hint: Expected process count, for messages and batch checks only.
