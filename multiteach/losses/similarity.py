@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from multiteach.errors import MultiteachError
 from multiteach.losses.base import LOSSES, BuildInfo, LossContext, LossTerm
-from multiteach.losses.terms import teacher_spec
+from multiteach.losses.terms import required_teacher_spec
 
 
 def similarity_distillation(
@@ -100,11 +100,7 @@ class SimilarityTerm(LossTerm):
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any], info: BuildInfo) -> SimilarityTerm:
-        if "teacher" not in cfg:
-            raise MultiteachError(
-                f"losses.{name}: a similarity term needs `teacher:` (one of {', '.join(info.teachers)})"
-            )
-        spec = teacher_spec(name, cfg["teacher"], info)
+        spec = required_teacher_spec(name, cfg, info)
         kwargs = {k: v for k, v in cfg.items() if k not in ("type", "weight")}
         return cls(name, cfg["weight"], dim=spec.summary_dim, **kwargs)
 

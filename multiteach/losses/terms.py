@@ -50,6 +50,15 @@ def teacher_spec(term: str, teacher: Any, info: BuildInfo, key: str = "teacher")
     return info.teachers[teacher]
 
 
+def required_teacher_spec(term: str, cfg: Mapping[str, Any], info: BuildInfo) -> TeacherSpec:
+    """The spec of the teacher a term's (required) ``teacher:`` key names."""
+    if "teacher" not in cfg:
+        raise MultiteachError(
+            f"losses.{term}: a {cfg['type']} term needs `teacher:` (one of {', '.join(info.teachers)})"
+        )
+    return teacher_spec(term, cfg["teacher"], info)
+
+
 def _grid_aligned(
     tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], mode: str, term: str
 ) -> torch.Tensor:
@@ -109,11 +118,7 @@ class FeatureTerm(LossTerm):
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any], info: BuildInfo) -> FeatureTerm:
-        if "teacher" not in cfg:
-            raise MultiteachError(
-                f"losses.{name}: a {cfg['type']} term needs `teacher:` (one of {', '.join(info.teachers)})"
-            )
-        spec = teacher_spec(name, cfg["teacher"], info)
+        spec = required_teacher_spec(name, cfg, info)
         on = _choice(name, "on", cfg.get("on", "summary"), TARGETS)
         if on == "patch" and not spec.patch_tokens:
             raise MultiteachError(
