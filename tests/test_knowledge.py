@@ -82,7 +82,7 @@ def test_a_student_learns_from_the_tiny_teacher(tmp_path):
     """A hundred steps of `distill_tiny` from a random student (no `init_from`, so only distillation can move
     knowledge; a linear head and standardised summary target, which learn fastest from scratch): the student's
     features predict the teacher's on tiles it never saw far better than its random-init twin's do (ridge-fitted
-    centred cosine; measured 0.56 vs 0.39). The shipped recipe, which also starts from teacher layers, is
+    centred cosine; measured 0.55 vs 0.39). The shipped recipe, which also starts from teacher layers, is
     measured in benchmarks/knowledge_transfer.py."""
     tiles = write_tiles([slide_path()], tmp_path / "tiles", target_mpp=0.5, tile_size=224, min_tissue=0.5)
     held = write_tiles([slide_path()], tmp_path / "held", target_mpp=1.0, tile_size=224, overlap=0.5, min_tissue=0.3)
@@ -92,6 +92,7 @@ def test_a_student_learns_from_the_tiny_teacher(tmp_path):
         f"output_dir={tmp_path / 'run'}",
         "schedule.steps=100",
         "optim.batch_size=16",
+        "data.global_crops.n=1",  # one crop per tile: half the compute of two, the same fidelity (0.55)
         "optim.warmup_steps=10",
         "optim.lr=2e-3",
         "data.num_workers=0",
