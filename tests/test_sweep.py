@@ -48,7 +48,7 @@ def summary_rows(root):
 
 
 def test_sigint_stops_the_sweep_after_the_run_in_progress_and_a_rerun_finishes_it(tmp_path):
-    recipe = recipe_yaml(tmp_path, steps=16, checkpoint_every=16)
+    recipe = recipe_yaml(tmp_path, steps=8, checkpoint_every=8)
     grid = ["--grid", "losses.uni.patch.weight=0.25,0.5"]
     ref = cli("sweep", str(recipe), *grid, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -60,12 +60,12 @@ def test_sigint_stops_the_sweep_after_the_run_in_progress_and_a_rerun_finishes_i
     step = int(latest_checkpoint(root / first).name.removeprefix("step_"))
     rows = summary_rows(root)
     assert [(r["run"], r["status"], r["steps"]) for r in rows] == [
-        (first, "incomplete", f"{step}/16"),
-        (second, "not started", "0/16"),
+        (first, "incomplete", f"{step}/8"),
+        (second, "not started", "0/8"),
     ]
     assert "| incomplete |" in (root / "summary.md").read_text() and "re-running the same sweep resumes" in err
     labels = _plot_curves(root, list(csv.DictReader((root / "summary.csv").open())))
-    assert labels == [f"{first} (incomplete, {step}/16 steps)"]  # the PNG's legend (curve dashed)
+    assert labels == [f"{first} (incomplete, {step}/8 steps)"]  # the PNG's legend (curve dashed)
 
     again = cli("sweep", str(recipe), *grid, "--out", str(root))
     assert again.returncode == 0, again.stderr[-3000:]
