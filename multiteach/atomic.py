@@ -54,7 +54,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: PathLike, mode: int | None = None, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit, move it into place atomically.
 
     The temporary file already exists (empty) when the block starts; write it by name (``save_file(...,
@@ -65,6 +65,9 @@ def atomic_path(path: PathLike, mode: int | None = None) -> Iterator[Path]:
     Args:
         path: The destination file.
         mode: Permission bits of the finished file; ``None`` means ``0o666`` minus the umask.
+        fsync: Flush the file and its folder to disk. ``False`` for bulk outputs that can be re-created
+            (thousands of image tiles): the rename still guarantees that a crashed or killed process never
+            leaves a half-written file in place; only an operating-system crash could.
 
     Yields:
         The temporary file's path (same folder as ``path``, hidden name ending in ``.tmp``).
@@ -76,17 +79,19 @@ def atomic_path(path: PathLike, mode: int | None = None) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, _umask_mode() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], object], mode: int | None = None) -> Path:

@@ -77,3 +77,18 @@ def test_failure_without_old_file_leaves_nothing(tmp_path):
         assert tmp.parent == tmp_path and tmp.name.startswith(".f.bin.") and tmp.name.endswith(".tmp")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_bulk_writes_skip_fsync_but_stay_atomic(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    path = tmp_path / "tile.png"
+    with atomic_path(path, fsync=False) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and synced == [] and os.listdir(tmp_path) == ["tile.png"]
+    with pytest.raises(RuntimeError), atomic_path(path, fsync=False) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["tile.png"]  # the old file survives
+    atomic_write_text(path, "synced")
+    assert len(synced) == 2  # the default still flushes the file and its folder

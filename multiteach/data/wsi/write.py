@@ -43,8 +43,8 @@ class TileWriteResult:
 
 
 def _save_image(image: Image.Image, path: Path, pil_format: str, **options: Any) -> None:
-    """Save ``image`` to ``path`` atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
+    """Save ``image`` to ``path`` atomically (temporary file, then rename; no fsync: tiles are re-creatable)."""
+    with atomic_path(path, fsync=False) as tmp:
         image.save(tmp, format=pil_format, **options)
 
 
