@@ -54,7 +54,6 @@ def knowledge_check(run_dir: Path, images: Path, seed: int = 0) -> dict[str, dic
     Returns:
         ``{"student": {...}, "random twin": {...}}``, each ``{"centred_cosine", "cka", "mutual_knn"}``.
     """
-
     run = load_run_student(run_dir)
     torch.manual_seed(seed)
     twin = build_student_from(run.recipe)
@@ -91,7 +90,6 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
         out: Folder for tiles, stand-ins, the run, the export and the knowledge check.
         overrides: Extra recipe overrides (e.g. ``schedule.steps=20`` for a quicker look).
     """
-
     out = Path(out)
     tiles = write_tiles([slide_path()], out / "tiles", target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)
     log.info("tiled %s: %d tiles", SLIDE, tiles.total)
