@@ -95,7 +95,80 @@ class MaskingConfig:
         _require(0 <= lo <= hi <= 1, f"{at}.ratio", list(self.ratio), "expected [low, high] with 0 <= low <= high <= 1")
 
 
-WSI_DEFAULTS: dict[str, Any] = {"mpp": 0.5, "tile_size": 224}
+@dataclass(kw_only=True)
+class SlidesConfig:
+    """Online patching: training tiles drawn at random tissue positions straight from whole-slide images.
+
+    Attributes:
+        source: A folder of slides, a text list (one slide per line) or a CSV with a ``path`` column and
+            optional ``mpp`` (level-0 µm/px, for slides whose metadata has none) and ``weight`` (sampling weight).
+            A list of these is joined.
+        target_mpp: Resolutions of the tiles in µm/px (Midnight: ``[0.25, 0.5, 1.0, 2.0]``).
+        proportions: Share of tiles at each ``target_mpp`` (default: equal); normalised to sum 1.
+        tile_size: Side of the tiles in pixels (before the multi-crop views).
+        min_tissue: Lowest tissue fraction of a tile's footprint on the slide's tissue mask, in [0, 1].
+        hsv_filter: Also keep only tiles whose pixels pass Virchow's HSV tissue rule (see
+            :mod:`multiteach.data.sources.slides`).
+        open_per_worker: Slides each DataLoader worker keeps open (least recently used closed first).
+        tiles_per_visit: Consecutive samples drawn from one slide before the next slide is chosen.
+        mpp: Level-0 µm/px for slides whose metadata records none (a CSV ``mpp`` column wins); null: such a
+            slide is an error.
+        samples_per_epoch: Length of one epoch of the endless stream (it only reseeds the draws).
+        index_dir: Folder of the per-slide tissue index shared by runs (default: the user's cache folder,
+            ``$MULTITEACH_INDEX_DIR`` or ``~/.cache/multiteach/tissue-index``).
+        thumb_size: Longer side of the tissue-mask thumbnail in pixels.
+        min_saturation: Floor of the Otsu threshold on the 0-255 saturation of the thumbnail.
+        index_workers: Processes that build missing tissue-index entries.
+    """
+
+    source: str | list[str] = field(metadata=_hint("a slide folder, list file or CSV, e.g. data.slides.source=slides/"))
+    target_mpp: list[float] = field(default_factory=lambda: [0.5])
+    proportions: list[float] | None = None
+    tile_size: int = 224
+    min_tissue: float = 0.4
+    hsv_filter: bool = False
+    open_per_worker: int = 16
+    tiles_per_visit: int = 8
+    mpp: float | None = None
+    samples_per_epoch: int = 1_048_576
+    index_dir: str | None = None
+    thumb_size: int = 1024
+    min_saturation: int = 15
+    index_workers: int = 2
+
+    def _finish(self, at: str) -> None:
+        sources = [self.source] if isinstance(self.source, str) else list(self.source)
+        _require(bool(sources) and all(sources), f"{at}.source", self.source, "needs at least one non-empty path")
+        _require(
+            bool(self.target_mpp) and min(self.target_mpp) > 0,
+            f"{at}.target_mpp",
+            self.target_mpp,
+            "must be a non-empty list of positive µm/px values",
+        )
+        if self.proportions is not None:
+            _require(
+                len(self.proportions) == len(self.target_mpp),
+                f"{at}.proportions",
+                self.proportions,
+                f"needs one share per target_mpp ({len(self.target_mpp)})",
+            )
+            _require(
+                min(self.proportions) >= 0 and sum(self.proportions) > 0,
+                f"{at}.proportions",
+                self.proportions,
+                "shares must be >= 0 and not all 0",
+            )
+        _positive(self, at, "tile_size", "open_per_worker", "tiles_per_visit", "mpp", "samples_per_epoch")
+        _positive(self, at, "thumb_size", "index_workers")
+        _probabilities(self, at, "min_tissue")
+        _require(0 <= self.min_saturation <= 255, f"{at}.min_saturation", self.min_saturation, "must be in [0, 255]")
+
+    @property
+    def shares(self) -> list[float]:
+        """``proportions`` normalised to sum 1 (equal shares when unset)."""
+        raw = self.proportions or [1.0] * len(self.target_mpp)
+        total = float(sum(raw))
+        return [float(x) / total for x in raw]
 
 
 @dataclass(kw_only=True)
@@ -103,14 +176,15 @@ class DataConfig:
     """Where tiles come from and how views are made.
 
     Attributes:
-        train: Tile folder(s) or list file(s); required for training, may come from an override.
+        train: Tile folder(s), list file(s) (TXT/CSV/Parquet), TRIDENT/CLAM coordinate folders or WebDataset
+            shard folders; required for training unless ``slides`` is set, may come from an override.
         extensions: Image file extensions picked up in folders.
         num_workers: DataLoader workers.
         global_crops: Global crop settings.
         local_crops: Local crop settings.
         augment: Augmentation settings.
         masking: iBOT masking, or null for none.
-        wsi: Whole-slide tiling (``mpp``, ``tile_size`` and further keys checked by the WSI reader), or null.
+        slides: Online patching from whole-slide images (:class:`SlidesConfig`), or null; replaces ``train``.
         robust_views: Stain/scanner-robust distillation, or null: the student's global views are perturbed
             copies of the clean views its teachers see (same crop, pixel-aligned). ``p`` (probability each
             configured perturbation applies to a view, default 0.5) and perturbation name -> ``[low, high]``
@@ -125,7 +199,7 @@ class DataConfig:
     local_crops: LocalCrops = field(default_factory=LocalCrops)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     masking: MaskingConfig | None = None
-    wsi: dict[str, Any] | None = None
+    slides: SlidesConfig | None = None
     robust_views: dict[str, Any] | None = None
 
     def _finish(self, at: str) -> None:
@@ -133,12 +207,10 @@ class DataConfig:
         _require(all(paths), f"{at}.train", self.train, "paths must be non-empty")
         _require(all(self.extensions), f"{at}.extensions", self.extensions, "extensions must be non-empty")
         _require(self.num_workers >= 0, f"{at}.num_workers", self.num_workers, "must be >= 0")
-        if self.wsi is not None:
-            self.wsi = {**WSI_DEFAULTS, **self.wsi}
-            for key, kind in (("mpp", float), ("tile_size", int)):
-                value = _convert(kind, self.wsi[key], f"{at}.wsi.{key}")
-                _require(value > 0, f"{at}.wsi.{key}", value, "must be positive")
-                self.wsi[key] = value
+        if self.slides is not None:
+            _require(
+                not paths, f"{at}.train", self.train, "give either data.train (tiles) or data.slides (slides), not both"
+            )
         if self.robust_views is not None:
             self.robust_views = robust_views_settings(self.robust_views, f"{at}.robust_views")
 
