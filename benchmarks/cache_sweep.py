@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from multiteach.build import build_teachers, tile_dataset
+from multiteach.build import build_teachers, training_source
 from multiteach.cache import FeatureCache, open_cache, write_cache
 from multiteach.config import load_recipe
 from multiteach.data.multicrop import apply_view
@@ -105,7 +105,7 @@ def check_targets(recipe, cache: FeatureCache, tiles: int) -> dict:
     in one batch as the writer formed them."""
     set_seed(recipe.seed)  # the teacher exactly as a live run (and the writer) builds it
     teacher = build_teachers(recipe, ["t"])["t"]
-    ds = tile_dataset(recipe)
+    ds = training_source(recipe)
     keys = [(i, v) for i in range(tiles) for v in range(cache.n_views)]
     ref = teacher(torch.stack([apply_view(ds[i], cache.view_params(i, v)) for i, v in keys]))
     got = cache.get_batch("t", keys)

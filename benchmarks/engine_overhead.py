@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from multiteach.build import build_components, data_loader, tile_dataset
+from multiteach.build import build_components, data_loader, training_source
 from multiteach.config import load_recipe
 from multiteach.train import train
 
@@ -57,7 +57,7 @@ def hand_loop(recipe, steps: int) -> list[float]:
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay
     )
-    loader = data_loader(recipe, tile_dataset(recipe), student, 0, 1, 0)
+    loader = data_loader(recipe, training_source(recipe), student, 0, 1, 0)
     times, t0 = [], time.perf_counter()
     for batch in loader:
         x = batch["global"]
@@ -87,7 +87,7 @@ def engine_step_times(recipe) -> list[float]:
 
 def data_only(recipe, batches: int) -> float:
     comps_student = build_components(recipe).model.student
-    loader = data_loader(recipe, tile_dataset(recipe), comps_student, 0, 1, 0)
+    loader = data_loader(recipe, training_source(recipe), comps_student, 0, 1, 0)
     it = iter(loader)
     next(it)
     t0, n = time.perf_counter(), 0

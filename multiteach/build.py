@@ -16,7 +16,7 @@ from multiteach.config import path_rule
 from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop, worker_init
 from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
 from multiteach.data.perturb import RobustViews
-from multiteach.data.tiles import TileDataset, find_images, read_path_list
+from multiteach.data.sources import TileSource, open_tile_source
 from multiteach.errors import MultiteachError, missing_path
 from multiteach.losses import CompositeLoss, active_teachers, build_loss
 from multiteach.model import DistillModel
@@ -26,6 +26,7 @@ from multiteach.teachers import (
     Teacher,
     build_teacher,
     resolve_spec,
+    spec_overrides,
     teacher_architecture,
     weights_architecture,
 )
@@ -57,19 +58,6 @@ def build_student_from(recipe: Any, device: str = "cpu") -> Student:
         device=device,
         **dict(s.kwargs),
     )
-
-
-def spec_overrides(cfg: Any) -> dict[str, Any]:
-    """The :class:`TeacherSpec` fields a recipe's teacher entry changes (architecture kwargs, embedding rule,
-    the opt-in to run Hub code)."""
-    overrides: dict[str, Any] = {}
-    if cfg.model_kwargs:
-        overrides["model_kwargs"] = dict(cfg.model_kwargs)
-    if cfg.embedding:
-        overrides["embedding"] = cfg.embedding
-    if getattr(cfg, "trust_remote_code", False):
-        overrides["trust_remote_code"] = True
-    return overrides
 
 
 def build_teachers(recipe: Any, names: list[str], device: str = "cpu") -> dict[str, Teacher]:
@@ -157,24 +145,28 @@ def _check_grids(
             )
 
 
-def tile_dataset(recipe: Any) -> TileDataset:
-    """All training tiles of ``data.train`` (folders and/or list files), scanned for unreadable files."""
+def training_source(recipe: Any) -> TileSource:
+    """The recipe's training source: online patching from ``data.slides``, else the tiles of ``data.train``.
+
+    ``data.train`` entries are folders of tiles (walked), list files (TXT/CSV/Parquet), folders of TRIDENT/CLAM
+    coordinate ``.h5`` files or of WebDataset ``.tar`` shards; one kind per recipe. Nothing is decoded here
+    (an unreadable tile is skipped when read; ``multiteach data check`` scans them all on demand).
+    """
+    if recipe.data.slides is not None:
+        from multiteach.data.sources.slides import open_slide_source
+
+        return open_slide_source(recipe.data.slides, recipe.seed)
     sources = recipe.data.train if isinstance(recipe.data.train, (list, tuple)) else [recipe.data.train]
     if not sources or sources == [None]:
-        raise MultiteachError("data.train: no training tiles configured; set a folder or a list file")
-    paths: list[Path] = []
+        raise MultiteachError(
+            "data.train: no training tiles configured; set a tile folder or a list file (data.train=...), or "
+            "slides for online patching (data.slides.source=...)"
+        )
     for i, src in enumerate(sources):
-        p = Path(src).expanduser()
-        if p.is_file():
-            paths += read_path_list(p)
-        elif p.is_dir():
-            paths += find_images(p, tuple(recipe.data.extensions))
-        else:
+        if not Path(src).expanduser().exists():
             key = "data.train" if isinstance(recipe.data.train, str) else f"data.train[{i}]"
-            raise missing_path(key, p, path_rule(recipe, key), "a tile folder or a list file")
-    ds = TileDataset(paths, transform=None, source=", ".join(map(str, sources)))
-    ds.scan()
-    return ds
+            raise missing_path(key, Path(src), path_rule(recipe, key), "a tile folder or a list file")
+    return open_tile_source(sources, tuple(recipe.data.extensions), recipe.data.slide_dir)
 
 
 def multicrop_transform(recipe: Any) -> MultiCropTransform:
@@ -206,7 +198,7 @@ def robust_views(recipe: Any) -> RobustViews | None:
 
 def data_loader(
     recipe: Any,
-    tiles: TileDataset,
+    tiles: TileSource,
     student: Student,
     rank: int,
     world_size: int,
@@ -242,6 +234,7 @@ def data_loader(
         recipe.optim.grad_accum,
         recipe.seed,
         start_step,
+        shuffle=tiles.shuffle,
     )
     return DataLoader(
         dataset,

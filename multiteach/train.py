@@ -33,10 +33,11 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 
-from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, tile_dataset
+from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, training_source
 from multiteach.cache import open_cache, uses_cache
 from multiteach.checkpoint import latest_checkpoint, load_checkpoint
 from multiteach.config import save_resolved
+from multiteach.data.sources import cacheable_paths
 from multiteach.distributed import check_strategy
 from multiteach.ema import EMA
 from multiteach.engine import (
@@ -181,9 +182,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     last = _resume_from(run_dir, digest, resume)
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
-    tiles = tile_dataset(recipe)
+    tiles = training_source(recipe)
     # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
-    cache = open_cache(recipe.cache.dir, recipe, tile_paths=tiles.paths) if uses_cache(recipe) else None
+    cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
     if cache is None:  # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
         preflight(recipe, active_teachers(recipe.active_losses()))
     seed_everything(recipe.seed)
@@ -226,7 +227,8 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 4. the loop ----------------------------------------------------------------------------------
     steps, accum, n_global = recipe.schedule.steps, recipe.optim.grad_accum, recipe.data.global_crops.n
     tracker_log = acc.log if recipe.train.trackers else None
-    book = StepLog(recipe, run_dir, unwrapped.loss, start, len(tiles.skipped), world, acc.is_main_process, tracker_log)
+    skipped_at_start = len(tiles.describe()["skipped"])
+    book = StepLog(recipe, run_dir, unwrapped.loss, start, skipped_at_start, world, acc.is_main_process, tracker_log)
     ema_momentum = recipe.schedule.ema_momentum
 
     def save(at: int) -> None:  # a checkpoint of optimiser step ``at``
@@ -382,11 +384,10 @@ def _start_run_dir(
         ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
     )
     log.info("intra-op threads per process: %d (%s)", *threads)
-    (run_dir / "data.json").write_text(
-        json.dumps({"tiles": len(tiles), "source": tiles.source, "skipped": [str(p) for p in tiles.skipped]}, indent=2)
-    )
-    if tiles.skipped:
-        log.warning("skipped %d unreadable image(s) in %s (listed in data.json)", len(tiles.skipped), tiles.source)
+    facts = tiles.describe()
+    (run_dir / "data.json").write_text(json.dumps({"tiles": len(tiles), **facts}, indent=2))
+    if facts["skipped"]:
+        log.warning("skipped %d unreadable input(s) in %s (listed in data.json)", len(facts["skipped"]), tiles.source)
     return file_log
 
 

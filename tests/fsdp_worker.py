@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from multiteach.build import build_components, data_loader, tile_dataset
+from multiteach.build import build_components, data_loader, training_source
 from multiteach.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -71,7 +71,7 @@ def _build(recipe: Any, tiles: Any, resume_from: Path | None) -> tuple[Any, Any,
 def train_sharded(recipe: Any, run_dir: Path, stop_step: int, resume_from: Path | None = None) -> None:
     """Train the recipe's model sharded over the process group to ``stop_step``; checkpoint into ``run_dir``."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    tiles = tile_dataset(recipe)
+    tiles = training_source(recipe)
     model, teachers, ema, state = _build(recipe, tiles, resume_from)
     shard_model_fsdp2(model)
     # the same AdamW groups as the engine, over the sharded (DTensor) parameters: fully_shard replaces the

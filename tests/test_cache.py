@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 import multiteach.build
 import multiteach.cache.key
 import multiteach.train
-from multiteach.build import build_teachers, multicrop_transform, tile_dataset
+from multiteach.build import build_teachers, multicrop_transform, training_source
 from multiteach.cache import (
     FeatureCache,
     cache_key,
@@ -53,7 +53,7 @@ def folder_bytes(folder):
 def test_cached_targets_equal_the_live_teacher(tmp_path):
     recipe = load_recipe(cached_recipe(tmp_path, ", n_views: 3, dtype: float32"))
     cache = open_cache(write_cache(recipe), recipe)
-    tiles, transform = tile_dataset(recipe), multicrop_transform(recipe)
+    tiles, transform = training_source(recipe), multicrop_transform(recipe)
     teacher = build_teachers(recipe, ["uni"])["uni"]
     assert (cache.n_tiles, cache.n_views, cache.grids["uni"], cache.dtype) == (12, 3, (4, 4), "float32")
     for i in range(cache.n_tiles):
@@ -82,7 +82,7 @@ def test_cached_targets_equal_the_live_teacher(tmp_path):
 def test_loader_takes_global_crops_from_the_cache(tmp_path):
     recipe = load_recipe(cached_recipe(tmp_path, ", n_views: 3"))
     cache = open_cache(write_cache(recipe), recipe)
-    tiles, transform = tile_dataset(recipe), multicrop_transform(recipe)
+    tiles, transform = training_source(recipe), multicrop_transform(recipe)
     masking = {"probability": 0.5, "ratio": [0.1, 0.5]}
     plain = SeededMultiCrop(tiles, transform, 0, (4, 4), masking)
     cached = SeededMultiCrop(tiles, transform, 0, (4, 4), masking, cache=cache)
@@ -119,7 +119,7 @@ def test_training_from_the_cache_matches_the_live_teacher(tmp_path, monkeypatch)
         cached_run = train(recipe)
 
     # the same run, with the targets computed live by the teacher on the very same (cached) views
-    teacher, tiles = build_teachers(recipe, ["uni"])["uni"], tile_dataset(recipe)
+    teacher, tiles = build_teachers(recipe, ["uni"])["uni"], training_source(recipe)
     calls = []
 
     def live_targets(self, keys, device=None):
@@ -171,7 +171,7 @@ def test_random_init_teacher_is_keyed_by_its_state_dict(tmp_path):
         cached_recipe(tmp_path),
         [f"teachers.uni={{source: vit_large_patch16_224, pretrained: false, input_size: 64, model_kwargs: {tiny}}}"],
     )
-    tiles = tile_dataset(recipe).paths
+    tiles = training_source(recipe).paths
     torch.manual_seed(0)
     teachers = build_teachers(recipe, ["uni"])
     key = cache_key(recipe, tiles, teachers)

@@ -50,7 +50,7 @@ def test_sharding_on_cpu_is_refused_before_anything_is_built(tmp_path, monkeypat
     def must_not_run(*args, **kwargs):
         raise AssertionError("built something before refusing")
 
-    for name in ("tile_dataset", "build_components", "Accelerator"):
+    for name in ("training_source", "build_components", "Accelerator"):
         monkeypatch.setattr(engine, name, must_not_run)
     recipe = load_recipe(recipe_yaml(tmp_path), [f"train.distributed.strategy={strategy}"])
     with pytest.raises(MultiteachError) as err:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multiteach.build import build_components, data_loader, robust_views, tile_dataset
+from multiteach.build import build_components, data_loader, robust_views, training_source
 from multiteach.config import load_recipe
 from multiteach.data.perturb import DEFAULT_RANGES, ORDER, Perturbation, RobustViews, heldout_levels, heldout_suite
 from multiteach.errors import MultiteachError
@@ -25,7 +25,7 @@ from .engine_fixtures import recipe_yaml
 
 def _first_batch(recipe):
     comps = build_components(recipe)
-    loader = data_loader(recipe, tile_dataset(recipe), comps.model.student, rank=0, world_size=1, start_step=0)
+    loader = data_loader(recipe, training_source(recipe), comps.model.student, rank=0, world_size=1, start_step=0)
     return next(iter(loader))
 
 
@@ -37,7 +37,7 @@ def recipe_path(tmp_path_factory):
 def test_switch_off_batches_unchanged_and_teacher_views_identical(recipe_path):
     off = _first_batch(load_recipe(recipe_path))
     on = _first_batch(load_recipe(recipe_path, ["data.robust_views={p: 1.0, hed: [0.1, 0.2], jpeg: [30, 60]}"]))
-    assert set(off) == {"global", "local", "masks"}  # no new keys when the switch is off
+    assert set(off) == {"global", "local", "masks", "skipped"}  # no new keys when the switch is off
     for key in ("global", "local", "masks"):  # every draw made before the perturbation is the same
         assert torch.equal(off[key], on[key]), key
     assert on["student_global"].shape == on["global"].shape

@@ -148,9 +148,14 @@ def _views_part(recipe: Any, n_views: int) -> dict[str, Any]:
 
 
 def _tiles_part(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Hash of the tiles' provenance and file sizes (for a tile read from a slide, ``slide@x,y@mpp``, the slide's)."""
     h = hashlib.sha256()
+    sizes: dict[str, int] = {}
     for p in paths:
-        h.update(f"{p}\t{Path(p).stat().st_size}\n".encode())
+        file = str(p).split("@", 1)[0]
+        if file not in sizes:
+            sizes[file] = Path(file).stat().st_size
+        h.update(f"{p}\t{sizes[file]}\n".encode())
     return {"n": len(paths), "sha256": h.hexdigest()}
 
 

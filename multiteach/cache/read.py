@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from multiteach.build import tile_dataset
+from multiteach.build import training_source
 from multiteach.cache.key import cache_key, stale_reasons
 from multiteach.cache.layout import FORMAT, INDEX, META_KEY, SHARD_RE
 from multiteach.data.multicrop import ViewParams
@@ -196,7 +196,7 @@ def open_cache(
     """
     cache = FeatureCache(cache_dir)
     if tile_paths is None:
-        tile_paths = tile_dataset(recipe).paths
+        tile_paths = training_source(recipe).paths
     names = active_teachers(recipe.losses)
     reasons = stale_reasons(cache.key, cache_key(recipe, tile_paths, teachers), names)
     if reasons:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from multiteach.atomic import atomic_save_safetensors, atomic_write_text
-from multiteach.build import build_teachers, multicrop_transform, tile_dataset
+from multiteach.build import build_teachers, multicrop_transform, training_source
 from multiteach.cache.key import build_digest, cache_key, key_diff, remember_state_dict_hashes, stale_reasons
 from multiteach.cache.layout import FORMAT, INDEX, META_KEY, SHARD_RE, cache_settings, shard_name, store_dtype
 from multiteach.cache.views import TileViews
@@ -148,7 +148,7 @@ def write_cache(
     dtype_name, dtype = store_dtype(settings.dtype)
     n_views, pool = settings.n_views, settings.patch_pool
 
-    tiles = tile_dataset(recipe)
+    tiles = training_source(recipe)
     seed_everything(recipe.seed)  # as multiteach.train does before building teachers: random-init teachers match
     teachers = build_teachers(recipe, names, device)
     key = cache_key(recipe, tiles.paths, teachers)

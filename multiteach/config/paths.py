@@ -23,10 +23,14 @@ _LOCAL_DIR = "local-dir:"
 def _path_slots(tree: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     """The local-path entries of a raw recipe mapping: ``(key, mapping holding it, its name there)``."""
     slots: list[tuple[str, dict[str, Any], str]] = []
-    for section, name in (("data", "train"), ("cache", "dir")):
+    for section, name in (("data", "train"), ("data", "slide_dir"), ("cache", "dir")):
         node = tree.get(section)
         if isinstance(node, dict) and name in node:
             slots.append((f"{section}.{name}", node, name))
+    slides = tree.get("data", {}).get("slides") if isinstance(tree.get("data"), dict) else None
+    for name in ("source", "index_dir"):
+        if isinstance(slides, dict) and name in slides:
+            slots.append((f"data.slides.{name}", slides, name))
     for section, name in (("teachers", "weights"), ("teachers", "source"), ("losses", "target_heads")):
         entries = tree.get(section)
         for entry_name, node in (entries or {}).items() if isinstance(entries, dict) else ():
@@ -85,6 +89,15 @@ def _local_paths(recipe: Recipe) -> list[tuple[str, Path, str]]:
         out.append(("data.train", Path(train), "a tile folder or a list file"))
     else:
         out += [(f"data.train[{i}]", Path(p), "a tile folder or a list file") for i, p in enumerate(train or [])]
+    if recipe.data.slide_dir:
+        out.append(("data.slide_dir", Path(recipe.data.slide_dir), "the folder of the slides coordinate files name"))
+    if recipe.data.slides is not None:
+        source = recipe.data.slides.source
+        what = "a slide folder, a slide list or a CSV"
+        if isinstance(source, str):
+            out.append(("data.slides.source", Path(source), what))
+        else:
+            out += [(f"data.slides.source[{i}]", Path(p), what) for i, p in enumerate(source)]
     for name, teacher in recipe.teachers.items():
         if teacher.weights:
             out.append((f"teachers.{name}.weights", Path(teacher.weights), "a weights file or folder"))
@@ -106,7 +119,11 @@ def check_paths(recipe: Recipe) -> list[str]:
     Raises:
         MultiteachError: for the first path that does not exist, naming the absolute path and its rule.
     """
-    lines = [] if recipe.data.train else ["data.train: not set (training needs it, e.g. data.train=/data/tiles)"]
+    lines = (
+        []
+        if recipe.data.train or recipe.data.slides is not None
+        else ["data.train: not set (training needs it, e.g. data.train=/data/tiles, or data.slides.source=SLIDES)"]
+    )
     for key, path, expected in _local_paths(recipe):
         rule = path_rule(recipe, key)
         path = Path(os.path.abspath(path.expanduser()))

@@ -20,7 +20,6 @@ from multiteach.config.checks import (
     _require,
     robust_views_settings,
 )
-from multiteach.config.convert import _convert
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.teachers import resolve_spec
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD, Embedding
@@ -185,6 +184,7 @@ class DataConfig:
         augment: Augmentation settings.
         masking: iBOT masking, or null for none.
         slides: Online patching from whole-slide images (:class:`SlidesConfig`), or null; replaces ``train``.
+        slide_dir: Folder of the slides that TRIDENT/CLAM coordinate files in ``train`` name (matched by name).
         robust_views: Stain/scanner-robust distillation, or null: the student's global views are perturbed
             copies of the clean views its teachers see (same crop, pixel-aligned). ``p`` (probability each
             configured perturbation applies to a view, default 0.5) and perturbation name -> ``[low, high]``
@@ -200,6 +200,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     masking: MaskingConfig | None = None
     slides: SlidesConfig | None = None
+    slide_dir: str | None = None
     robust_views: dict[str, Any] | None = None
 
     def _finish(self, at: str) -> None:

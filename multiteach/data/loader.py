@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Sampler
 from multiteach.data.masking import sample_ibot_masks
 from multiteach.data.multicrop import MultiCropTransform, apply_view
 from multiteach.data.perturb import ORDER, RobustViews
-from multiteach.data.tiles import TileDataset
+from multiteach.data.sources.base import TileSource
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -34,7 +34,7 @@ class SeededMultiCrop(Dataset):
     """Multi-crop views (and iBOT masks for the global crops) of tile ``index`` in ``epoch``.
 
     Args:
-        tiles: Tiles as PIL images (a :class:`TileDataset` without transform).
+        tiles: The training source (:class:`~multiteach.data.sources.base.TileSource`): tile ``index`` of ``epoch``.
         transform: Draws the crop/augmentation parameters of every view.
         seed: Run seed.
         mask_grid: Student patch grid (h, w) of a global crop, for iBOT masks.
@@ -49,12 +49,13 @@ class SeededMultiCrop(Dataset):
         ``{"global": [n_global x (3, G, G)], "local": [n_local x (3, L, L)], "masks"?: (n_global, h*w) bool}``
         with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (2,) int64]`` (tile, view); with
         ``robust`` also ``"student_global": [n_global x (3, G, G)]`` and ``"robust": [n_global x (5,)]``
-        (strength per perturbation in :data:`multiteach.data.perturb.ORDER`, 0 = not applied).
+        (strength per perturbation in :data:`multiteach.data.perturb.ORDER`, 0 = not applied); ``"skipped"``:
+        ``(what, reason)`` pairs of unreadable files or slides the source replaced while producing this tile.
     """
 
     def __init__(
         self,
-        tiles: TileDataset,
+        tiles: TileSource,
         transform: MultiCropTransform,
         seed: int,
         mask_grid: tuple[int, int] | None = None,
@@ -76,7 +77,8 @@ class SeededMultiCrop(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        image = self.tiles[index]
+        tile = self.tiles.read(index, epoch)
+        image = tile.image
         params = self.transform.sample_params(image.height, image.width, generator=g)
         n_global = self.transform.n_global
         if self.cache is not None:  # the same draws as without a cache; only the global views are replaced
@@ -84,7 +86,7 @@ class SeededMultiCrop(Dataset):
             params[:n_global] = [self.cache.view_params(i, v) for i, v in keys]
         with _one_thread():
             views = [apply_view(image, p) for p in params]
-        out: dict[str, Any] = {"global": views[:n_global], "local": views[n_global:]}
+        out: dict[str, Any] = {"global": views[:n_global], "local": views[n_global:], "skipped": tile.skipped}
         if self.cache is not None:
             out["cache_keys"] = [torch.tensor(k, dtype=torch.int64) for k in keys]
         if self.masking is not None and self.mask_grid is not None:
@@ -135,8 +137,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields this process's micro-batches of (index, epoch) keys, step after step.
 
     The global batch of optimiser step ``s`` holds sample positions ``s*G .. s*G+G-1`` of an endless
-    stream of per-epoch permutations (seeded by ``seed + epoch``). It is cut into ``grad_accum``
-    micro-steps, and each micro-step into ``world_size`` equal slices; rank ``r`` gets slice ``r``.
+    stream of per-epoch permutations (seeded by ``seed + epoch``), or of the indices in order when the
+    source draws its own random positions (``shuffle=False``, online patching: consecutive positions then
+    share a slide visit). It is cut into ``grad_accum`` micro-steps, and each micro-step into
+    ``world_size`` equal slices; rank ``r`` gets slice ``r``.
 
     Args:
         num_samples: Dataset size.
@@ -147,6 +151,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         grad_accum: Micro-steps per optimiser step.
         seed: Run seed.
         start_step: First optimiser step to yield (resume).
+        shuffle: Permute the indices of every epoch (False: position ``p`` is index ``p % num_samples``).
     """
 
     def __init__(
@@ -159,14 +164,17 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         grad_accum: int = 1,
         seed: int = 0,
         start_step: int = 0,
+        shuffle: bool = True,
     ) -> None:
-        self.n, self.global_batch, self.steps = num_samples, global_batch, steps
+        self.n, self.global_batch, self.steps, self.shuffle = num_samples, global_batch, steps, shuffle
         self.rank, self.world, self.accum, self.seed, self.start = rank, world_size, grad_accum, seed, start_step
         self.micro = global_batch // (world_size * grad_accum)
         self._perms: dict[int, torch.Tensor] = {}
 
     def _key(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, self.n)
+        if not self.shuffle:
+            return offset, epoch
         if epoch not in self._perms:
             self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
         return int(self._perms[epoch][offset]), epoch

@@ -203,7 +203,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
         ``global`` (n_global*B, 3, G, G); ``local`` (n_local*B, 3, L, L) or None; and when present
         ``masks`` (n_global*B, N) bool, ``labels`` (B,) long, ``params`` (B lists of ViewParams),
         ``cache_keys`` (n_global*B, 2) long (tile, cached view) when training from a feature cache;
-        ``student_global`` (n_global*B, 3, G, G) and ``robust`` (n_global*B, 5) with robust views.
+        ``student_global`` (n_global*B, 3, G, G) and ``robust`` (n_global*B, 5) with robust views;
+        ``skipped``: every sample's ``(what, reason)`` pairs of unreadable files/slides, joined (training loader).
     """
     if not samples:
         raise MultiteachError("collate_multicrop got an empty batch.")
@@ -218,6 +219,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
             out[key] = _crop_major([v[key] for v in views])
     if "params" in views[0]:
         out["params"] = [v["params"] for v in views]
+    if "skipped" in views[0]:
+        out["skipped"] = [pair for v in views for pair in v["skipped"]]
     if labelled:
         out["labels"] = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
     return out
