@@ -396,6 +396,52 @@ def _eval(p: argparse.ArgumentParser):
     return run
 
 
+@command("data", "your data at scale: check every tile, save a folder as a list, pack shards, index slides")
+def _data(p: argparse.ArgumentParser):
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="read and decode every tile of data.train-style sources, in parallel")
+    check.add_argument("sources", nargs="+", metavar="SOURCE", help="tile folders/lists, coordinate or shard folders")
+    check.add_argument("--processes", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    check.add_argument("--out-good", metavar="LIST", help="write the readable tiles of folders/lists as a text list")
+    check.add_argument("--slide-dir", metavar="DIR", help="slides that TRIDENT/CLAM coordinate files name")
+    listing = actions.add_parser("list", help="walk tile folders once and save every image path as a text list")
+    listing.add_argument("folders", nargs="+", metavar="FOLDER")
+    listing.add_argument("--out", required=True, metavar="LIST", help="the text list to write (one path per line)")
+    shard = actions.add_parser("shard", help="pack tiles into WebDataset tar shards (needs multiteach[shards])")
+    shard.add_argument("sources", nargs="+", metavar="SOURCE", help="tile folders or list files")
+    shard.add_argument("--out", required=True, metavar="DIR", help="folder for shard-000000.tar, ...")
+    shard.add_argument("--tiles-per-shard", type=int, default=10_000, metavar="N", help="default 10000")
+    for action in (check, listing, shard):
+        action.add_argument("--extensions", default="jpg,jpeg,png,tif,tiff", help="image extensions in folders")
+
+    def run(args: argparse.Namespace) -> int:
+        from multiteach.data.sources import open_tile_source, write_text_list
+
+        extensions = [e.strip() for e in args.extensions.split(",") if e.strip()]
+        if args.action == "list":
+            source = open_tile_source(args.folders, extensions)
+            out = write_text_list(source.paths, args.out)
+            print(f"{len(source)} tile path(s) -> {out}; train with data.train={out}")
+            return 0
+        if args.action == "shard":
+            from multiteach.data.sources.shards import write_shards
+
+            source = open_tile_source(args.sources, extensions)
+            shards = write_shards(source.paths, args.out, args.tiles_per_shard)
+            print(f"{len(source)} tile(s) -> {len(shards)} shard(s) in {args.out}; train with data.train={args.out}")
+            return 0
+        from multiteach.data.check import check_source, good_list
+
+        source = open_tile_source(args.sources, extensions, args.slide_dir)
+        report = check_source(source, processes=args.processes)
+        print(report.render())
+        if args.out_good:
+            print(f"readable tiles -> {good_list(source, report, args.out_good)}")
+        return 1 if report.bad else 0
+
+    return run
+
+
 @command("demo", "the whole path on CPU in minutes: tile a real slide, distil, export, check knowledge moved")
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where everything goes (default runs/demo)")
@@ -424,9 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may also follow the options (``sweep R --grid a=1,2 b=3``).
+
+    argparse fills a ``nargs="*"`` positional with the words before the first option only; the ``key=value``
+    words it leaves over are appended to ``overrides`` of the commands that take them. Anything else left over
+    is refused as argparse would.
+    """
+    args, extra = parser.parse_known_args(argv)
+    overrides = [w for w in extra if "=" in w and not w.startswith("-")]
+    if overrides and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += overrides
+        extra = [w for w in extra if w not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multiteach`` console script and ``python -m multiteach``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args._run(args) or 0)
     except MultiteachError as exc:
