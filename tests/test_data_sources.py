@@ -200,3 +200,18 @@ def test_path_table_concat_and_select(tmp_path):
     assert list(both.select(np.array([True, False, True]))) == ["/a/x/1.png", "/b/3.png"]
     with pytest.raises(IndexError):
         both[3]
+
+
+def test_huge_corpora_get_a_computed_permutation_that_is_a_bijection(monkeypatch):
+    from multiteach.data import loader
+
+    for n in (1, 2, 9, 1000, 4097):
+        assert sorted(loader.feistel_permute(i, n, 7) for i in range(n)) == list(range(n))
+    assert [loader.feistel_permute(i, 1000, 1) for i in range(20)] != [
+        loader.feistel_permute(i, 1000, 2) for i in range(20)
+    ]
+    monkeypatch.setattr(loader, "MAX_STORED_PERMUTATION", 50)  # as if 100 tiles were 10^8
+    one = [k for batch in GlobalBatchSampler(100, 20, 10, seed=3) for k in batch]
+    two = [list(GlobalBatchSampler(100, 20, 10, rank=r, world_size=2, seed=3)) for r in (0, 1)]
+    assert sorted(i for i, e in one if e == 0) == list(range(100)) and one != [(p % 100, p // 100) for p in range(200)]
+    assert [k for step in zip(*two) for half in step for k in half] == one

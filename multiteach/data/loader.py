@@ -133,6 +133,37 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+MAX_STORED_PERMUTATION = 1 << 24  # above this many tiles an epoch's order is computed per entry, not stored
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a cheap, well-spread 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def feistel_permute(i: int, n: int, key: int, rounds: int = 4) -> int:
+    """Entry ``i`` of a pseudo-random permutation of ``range(n)`` keyed by ``key``, in O(1) memory.
+
+    A balanced Feistel network is a bijection on ``2^(2h) >= n`` values; "cycle walking" (apply it again until
+    the value falls below ``n``) restricts it to ``range(n)`` and stays a bijection. Used for corpora too large to
+    hold one ``randperm`` per epoch.
+    """
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    low = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & low
+        for r in range(rounds):
+            left, right = right, left ^ (_mix64((key << 8) ^ (r << 56) ^ right) & low)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields this process's micro-batches of (index, epoch) keys, step after step.
 
@@ -175,6 +206,8 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         epoch, offset = divmod(position, self.n)
         if not self.shuffle:
             return offset, epoch
+        if self.n > MAX_STORED_PERMUTATION:  # 10^8 tiles: an 800 MB permutation per epoch; compute each entry
+            return feistel_permute(offset, self.n, self.seed + epoch), epoch
         if epoch not in self._perms:
             self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
         return int(self._perms[epoch][offset]), epoch
