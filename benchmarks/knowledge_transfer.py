@@ -26,6 +26,7 @@ import csv
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +68,18 @@ def training_tiles(shared: Path, out: Path) -> list[str]:
 
 
 def distil(
-    shared: Path, out: Path, steps: int | None, recipe: str = "distill_tiny", run: str = "run"
+    shared: Path,
+    out: Path,
+    steps: int | None,
+    recipe: str = "distill_tiny",
+    run: str = "run",
+    overrides: Sequence[str] = (),
 ) -> tuple[Path, float]:
-    """Train a built-in recipe (default `distill_tiny`) on the teacher's pretraining tiles into ``out/run``;
-    return (run dir, wall minutes)."""
+    """Train a built-in recipe (default `distill_tiny`) on the teacher's pretraining tiles into ``out/run``, with
+    further ``key=value`` ``overrides``; return (run dir, wall minutes)."""
     from multiteach.train import train
 
-    overrides = [f"data.train=[{','.join(training_tiles(shared, out))}]", f"output_dir={out / run}"]
+    overrides = [f"data.train=[{','.join(training_tiles(shared, out))}]", f"output_dir={out / run}", *overrides]
     if steps:
         overrides.append(f"schedule.steps={steps}")
     t0 = time.perf_counter()
@@ -81,14 +87,46 @@ def distil(
     return run_dir, (time.perf_counter() - t0) / 60
 
 
-def random_models(recipe, seeds: list[int]) -> dict[str, list]:
-    """Random inits of both architectures, one per seed: ``{"random teacher": [...], "random student": [...]}``."""
-    teachers, students = [], []
+def random_students(recipe, seeds: list[int]) -> list:
+    """Random-init twins of a recipe's student, one embedder per seed."""
+    students = []
     for seed in seeds:
-        teachers.append(resolve_model(TEACHER, pretrained=False, seed=seed))
         torch.manual_seed(seed)
         students.append(student_embedder(build_student_from(recipe), recipe))
-    return {"random teacher": teachers, "random student": students}
+    return students
+
+
+def random_models(recipe, seeds: list[int]) -> dict[str, list]:
+    """Random inits of both architectures, one per seed: ``{"random teacher": [...], "random student": [...]}``."""
+    teachers = [resolve_model(TEACHER, pretrained=False, seed=seed) for seed in seeds]
+    return {"random teacher": teachers, "random student": random_students(recipe, seeds)}
+
+
+def score_rows(
+    rows: dict[str, list], sets: dict, images: dict, cv_repeats: int, linear: bool = True
+) -> tuple[dict[str, list], dict[str, list]]:
+    """Embed every labelled set with every model of every row and score it.
+
+    Args:
+        rows: Row name -> embedders (one model, or one random init per seed).
+        sets: Labelled sets by name (:func:`load_shared_sets`); ``images``: their preloaded images.
+        cv_repeats: Fold seeds of the repeated 5-fold CV on sets without a split.
+        linear: Also fit linear probes (most of the scoring time); kNN only when False.
+
+    Returns:
+        ``(feats, scores)``: per row, one ``{set: (N, D) array}`` / ``{set: {"knn", "linear"}}`` per model.
+    """
+    feats = {m: [{n: embed_images(f, images[n]) for n in sets} for f in fs] for m, fs in rows.items()}
+    scores = {
+        m: [{n: classification_scores(sets[n], f[n], cv_repeats=cv_repeats, linear=linear) for n in sets} for f in fl]
+        for m, fl in feats.items()
+    }
+    return feats, scores
+
+
+def mean_over_models(scores: list[dict], metric: str) -> float:
+    """A row's figure: ``metric`` averaged over the labelled sets, then over the row's models (seeds)."""
+    return float(np.mean([mean_over_sets(s, metric) for s in scores]))
 
 
 def main() -> None:
@@ -127,17 +165,13 @@ def main() -> None:
 
     sets = load_shared_sets(shared / "labeled")
     images = {name: load_images(data.all_paths, 224) for name, data in sets.items()}
-    feats = {m: [{n: embed_images(f, images[n]) for n in sets} for f in fs] for m, fs in rows.items()}
-    scores = {
-        m: [{n: classification_scores(sets[n], f[n], cv_repeats=args.cv_repeats) for n in sets} for f in fl]
-        for m, fl in feats.items()
-    }
+    feats, scores = score_rows(rows, sets, images, args.cv_repeats)
 
     def mean_score(m: str, name: str, metric: str) -> float:
         return float(np.mean([s[name][metric] for s in scores[m]]))
 
     def mean_over(m: str, metric: str) -> float:
-        return float(np.mean([mean_over_sets(s, metric) for s in scores[m]]))
+        return mean_over_models(scores[m], metric)
 
     print(f"\nbalanced accuracy (kNN k=10 / linear probe; sets without a split: 5-fold CV x {args.cv_repeats} seeds)")
     print(f"{'model':<16}" + "".join(f"{n:>28}" for n in sets) + f"{'mean':>16}")

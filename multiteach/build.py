@@ -106,10 +106,12 @@ def build_components(recipe: Any, device: str = "cpu", cache: Any | None = None)
     student = build_student_from(recipe, device)
     if recipe.student.init_from is not None:
         _init_student_from_teacher(recipe, student, teachers, device)
-    loss: CompositeLoss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
+    loss: CompositeLoss = build_loss(
+        losses, student.summary_dim, specs, dict(recipe.heads), patch_dim=student.embed_dim
+    )
     _check_grids(recipe, student, grids, loss)
     model = DistillModel(student, loss, recipe.student.mean, recipe.student.std).to(device)
-    if recipe.data.masking is None:
+    if recipe.data.masking is None and student.mask_token is not None:
         student.mask_token.requires_grad_(False)  # unused without masks: keep it out of DDP's reducer
     return Components(model, teachers)
 
@@ -126,23 +128,39 @@ def _init_student_from_teacher(recipe: Any, student: Student, teachers: dict[str
 def _check_grids(
     recipe: Any, student: Student, grids: dict[str, tuple[tuple[int, int], str]], loss: CompositeLoss
 ) -> None:
-    """Fail before training when a patch term cannot compare grids because resampling is off.
+    """Fail before training when a patch term cannot compare grids because resampling is off; log once per
+    teacher when the student's and the teacher's grids do not divide each other (tokens are then resampled).
 
     ``grids``: teacher name -> (its patch grid on a global crop, where that grid comes from, for messages).
     """
     size = recipe.data.global_crops.size
     s_grid = student.grid_for(size, size)
+    logged: set[str] = set()
     for name in loss.names:
         term = loss.term(name)
-        if getattr(term, "on", None) != "patch" or getattr(term, "resample", None) != "none":
+        teacher, resample = getattr(term, "teacher", None), getattr(term, "resample", None)
+        if getattr(term, "on", None) != "patch" or teacher not in grids:  # e.g. invariance: no teacher grid
             continue
-        t_grid, source = grids[term.teacher]
-        if tuple(t_grid) != tuple(s_grid):
+        t_grid, source = grids[teacher]
+        if teacher not in logged and not _grids_divide(s_grid, tuple(t_grid)):
+            logged.add(teacher)
+            mine = f"{s_grid} (global crops {size} px, {student.family} stride {student.patch_size})"
+            theirs = f"{tuple(t_grid)} ({source})"
+            how = f"{resample} to the {getattr(term, 'resample_to', 'student')} grid"
+            log.info(
+                "student grid %s and teacher %r grid %s do not divide: tokens resampled %s", mine, teacher, theirs, how
+            )
+        if resample == "none" and tuple(t_grid) != tuple(s_grid):
             raise MultiteachError(
                 f"losses.{name}: student grid {s_grid} (global crops {size} px, patch {student.patch_size}) and "
                 f"teacher {term.teacher!r} grid {t_grid} ({source}) differ "
                 "and resample is 'none'; set resample: bicubic, or sizes that give the same grid"
             )
+
+
+def _grids_divide(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether one (h, w) grid is a whole multiple of the other in both directions (equal grids included)."""
+    return all(x % y == 0 for x, y in zip(a, b)) or all(y % x == 0 for x, y in zip(a, b))
 
 
 def training_source(recipe: Any) -> TileSource:
@@ -275,7 +293,7 @@ def describe_graph(recipe: Any) -> dict[str, Any]:
         teachers[name] = provenance[name]["params"]
     student = build_student_from(recipe, device="meta")
     with torch.device("meta"):
-        loss = build_loss(losses, student.embed_dim, specs, dict(recipe.heads))
+        loss = build_loss(losses, student.summary_dim, specs, dict(recipe.heads), patch_dim=student.embed_dim)
     return {
         "student": {"arch": recipe.student.arch, "params": _count(student.model)},
         "loss": str(loss),

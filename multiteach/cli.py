@@ -62,28 +62,46 @@ def _teachers(p: argparse.ArgumentParser):
     return run
 
 
-@command("tile", "cut whole-slide images into tissue tiles at a target resolution (needs multiteach[wsi])")
+@command(
+    "tile",
+    "cut whole-slide images into tissue tiles at a target resolution (needs multiteach[wsi]); exit status 0 when "
+    "every slide was tiled, 1 when some were skipped (listed), 2 when none could be",
+)
 def _tile(p: argparse.ArgumentParser):
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .ndpi, .mrxs, tiled .tif, ...)")
+    p.add_argument(
+        "slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="slide files (.svs, .ndpi, .mrxs, tiled .tif, ...) and/or CSV slide lists (a 'path' column, relative to "
+        "the CSV's folder, and an optional 'mpp' column: each slide's level-0 µm/px; as data.slides.source reads)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<slide>/tiles + coordinates.csv")
     p.add_argument("--mpp-target", type=float, default=0.5, metavar="UM", help="tile µm/px (0.5 ≈ 20x; default 0.5)")
     p.add_argument("--tile-size", type=int, default=224, metavar="PX", help="tile side in pixels (default 224)")
     p.add_argument("--overlap", type=float, default=0.0, help="fraction of a tile shared by neighbours, [0, 1)")
     p.add_argument("--min-tissue", type=float, default=0.5, help="lowest tissue fraction of a kept tile (default 0.5)")
-    p.add_argument("--mpp", type=float, default=None, metavar="UM", help="level-0 µm/px overriding slide metadata")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="level-0 µm/px of every slide, overriding its metadata (a CSV slide list's mpp column wins)",
+    )
     p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="tile file format (default jpg)")
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.data.wsi import write_tiles
+        from multiteach.data.wsi import expand_slide_lists, write_tiles
 
+        slides, mpp_overrides = expand_slide_lists(args.slides)
         result = write_tiles(
-            args.slides,
+            slides,
             args.out,
             target_mpp=args.mpp_target,
             tile_size=args.tile_size,
             overlap=args.overlap,
             min_tissue=args.min_tissue,
             mpp=args.mpp,
+            mpp_overrides=mpp_overrides or None,
             image_format=args.format,
             progress=lambda line: print(line, flush=True),
         )
@@ -259,12 +277,22 @@ def _sweep(p: argparse.ArgumentParser):
 def _export(p: argparse.ArgumentParser):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `multiteach train`")
     p.add_argument("--out", required=True, metavar="DIR", help="export folder (must not exist or be empty)")
-    p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA weights")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="export the live weights even when the recipe kept an EMA (train.keep_ema); the live weights are the "
+        "default otherwise",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--push", metavar="ORG/NAME", help="upload the export to this Hugging Face model repo")
     p.add_argument("--public", action="store_true", help="with --push: create the repo public (default private)")
     p.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, contact nothing")
-    p.add_argument("--speed", action="store_true", help="measure size/speed vs the teachers for the card")
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="measure params, batch-1 CPU/GPU latency (ms per tile) and throughput of the student and each teacher "
+        "(printed, and in the card)",
+    )
     p.add_argument(
         "--allow-incomplete",
         action="store_true",
@@ -275,9 +303,17 @@ def _export(p: argparse.ArgumentParser):
         action="store_true",
         help="keep the local data/weights paths in the exported recipe.yaml (default: <local>/ + the file name)",
     )
+    p.add_argument(
+        "--licence-note",
+        action="append",
+        metavar="[TEACHER=]TEXT",
+        help="the licence of a teacher whose licence multiteach does not know (other weights than the catalog "
+        "model's, a non-catalog source), printed in the card; without TEACHER= it applies to every such teacher "
+        "(repeatable)",
+    )
 
     def run(args: argparse.Namespace) -> int:
-        from multiteach.publish import check_repo_id, export_run, format_files, push_to_hub, run_speed
+        from multiteach.publish import check_repo_id, export_run, format_files, push_to_hub, run_speed, speed_lines
         from multiteach.runs import require_complete
 
         if (args.dry_run or args.public) and not args.push:
@@ -286,6 +322,8 @@ def _export(p: argparse.ArgumentParser):
             check_repo_id(args.push)
         require_complete(args.run_dir, args.allow_incomplete)  # before --speed spends minutes on it
         speed = run_speed(args.run_dir, use_ema=not args.live, progress=print) if args.speed else None
+        if speed is not None:  # params, batch-1 latency and throughput of the student and each teacher
+            print("\n".join(speed_lines(speed)))
         out = export_run(
             args.run_dir,
             args.out,
@@ -295,6 +333,7 @@ def _export(p: argparse.ArgumentParser):
             repo_id=args.push,
             allow_incomplete=args.allow_incomplete,
             keep_paths=args.keep_paths,
+            licence_notes=licence_notes(args.run_dir, args.licence_note or []),
         )
         print(f"exported to {out}")
         if args.push:
@@ -306,6 +345,26 @@ def _export(p: argparse.ArgumentParser):
         return 0
 
     return run
+
+
+def licence_notes(run_dir: str, notes: list[str]) -> dict[str, str]:
+    """``--licence-note`` values as teacher name -> text: ``NAME=TEXT`` for a teacher of the run's recipe, a
+    plain ``TEXT`` for every teacher of it (a name that is not one of its teachers is part of the text)."""
+    if not notes:
+        return {}
+    from multiteach.config import load_recipe
+
+    names = list(load_recipe(f"{run_dir}/recipe.yaml").teachers)
+    out: dict[str, str] = {}
+    for note in notes:
+        name, sep, text = note.partition("=")
+        if sep and name.strip() in names:
+            if not text.strip():
+                raise MultiteachError(f"--licence-note {note!r}: the text after {name.strip()}= is empty")
+            out[name.strip()] = text.strip()
+        else:
+            out.update({n: note.strip() for n in names if n not in out})
+    return out
 
 
 @command("eval", "score models (run dirs, exported students, teachers) on labelled tiles: kNN, probe, robustness")
@@ -396,6 +455,39 @@ def _eval(p: argparse.ArgumentParser):
     return run
 
 
+def _data_index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides", nargs="+", metavar="SLIDES", help="slide folders, .txt/.csv slide lists or slide files")
+    p.add_argument("--index-dir", metavar="DIR", help="index folder (default $MULTITEACH_INDEX_DIR or ~/.cache/...)")
+    p.add_argument("--processes", type=int, default=2, metavar="N", help="worker processes (default 2)")
+    p.add_argument("--thumb-size", type=int, default=1024, metavar="PX", help="mask thumbnail side (default 1024)")
+    p.add_argument("--min-saturation", type=int, default=15, metavar="S", help="saturation floor (default 15)")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM", help="level-0 µm/px of slides recording none")
+    p.add_argument("--retry-failed", action="store_true", help="retry slides recorded as unreadable")
+
+
+def _data_index(args: argparse.Namespace) -> int:
+    """``multiteach data index``: build (or check) the tissue index; 1 when some slide is skipped."""
+    from multiteach.data.index import IndexSettings, build_index, default_index_dir
+    from multiteach.data.sources.slide_list import read_slide_list
+
+    settings = IndexSettings(args.thumb_size, args.min_saturation, args.mpp)
+    index = build_index(
+        read_slide_list(args.slides),
+        settings,
+        args.index_dir or default_index_dir(),
+        processes=args.processes,
+        retry_failed=args.retry_failed,
+    )
+    source = args.slides[0] if len(args.slides) == 1 else f"[{','.join(args.slides)}]"
+    print(
+        f"{len(index)} slide(s) indexed in {index.index_dir} ({index.built} built, {index.reused} reused, "
+        f"{index.seconds:.1f} s); train with data.slides.source={source} data.slides.index_dir={index.index_dir}"
+    )
+    for what, reason in index.skipped:
+        print(f"multiteach data index: skipped {what}: {reason}", file=sys.stderr)
+    return 1 if index.skipped else 0
+
+
 @command("data", "your data at scale: check every tile, save a folder as a list, pack shards, index slides")
 def _data(p: argparse.ArgumentParser):
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -413,8 +505,11 @@ def _data(p: argparse.ArgumentParser):
     shard.add_argument("--tiles-per-shard", type=int, default=10_000, metavar="N", help="default 10000")
     for action in (check, listing, shard):
         action.add_argument("--extensions", default="jpg,jpeg,png,tif,tiff", help="image extensions in folders")
+    _data_index_args(actions.add_parser("index", help="build the tissue index of slides for data.slides, in parallel"))
 
     def run(args: argparse.Namespace) -> int:
+        if args.action == "index":
+            return _data_index(args)
         from multiteach.data.sources import open_tile_source, write_text_list
 
         extensions = [e.strip() for e in args.extensions.split(",") if e.strip()]
@@ -438,6 +533,35 @@ def _data(p: argparse.ArgumentParser):
         if args.out_good:
             print(f"readable tiles -> {good_list(source, report, args.out_good)}")
         return 1 if report.bad else 0
+
+    return run
+
+
+@command(
+    "merge",
+    "interpolate two students of one architecture in weight space (WiSE-FT): (1 - alpha) * A + alpha * B, "
+    "written as an export",
+)
+def _merge(p: argparse.ArgumentParser):
+    p.add_argument("a", metavar="A", help="first student: a run directory or an export folder (alpha 0)")
+    p.add_argument("b", metavar="B", help="second student, same architecture (alpha 1)")
+    p.add_argument("--alpha", type=float, required=True, help="weight of B, in [0, 1]")
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--live", action="store_true", help="for run parents: the live weights even when an EMA was kept")
+
+    def run(args: argparse.Namespace) -> int:
+        import warnings
+
+        from multiteach.publish.merge import MergeWarning, merge_students
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MergeWarning)
+            out = merge_students(args.a, args.b, args.alpha, args.out, overwrite=args.overwrite, use_ema=not args.live)
+        for w in caught:
+            print(f"multiteach merge: warning: {w.message}", file=sys.stderr)
+        print(f"merged (alpha {args.alpha:g}) to {out}")
+        return 0
 
     return run
 

@@ -36,6 +36,7 @@ log = logging.getLogger("multiteach.demo")
 SLIDE = "CMU-1-Small-Region.svs"
 STANDIN_FAMILIES = ("h-optimus-0",)
 KNOWLEDGE_TEACHER = "multiteach-tiny"
+STANDIN_LICENCE = "none to inherit: random weights that `multiteach demo` wrote itself (`multiteach.standins`)"
 
 
 def slide_path() -> Path:
@@ -100,7 +101,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     sets += [f"teachers.{name}.weights={path}" for name, path in standins.items()]
     recipe = load_recipe("demo", [*sets, *overrides])
     run_dir = train(recipe)
-    export_dir = export_run(run_dir, out / "export", overwrite=True)
+    # the stand-ins are random weights written above: the card describes them as such, with no licence to inherit
+    notes = {name: STANDIN_LICENCE for name in standins}
+    export_dir = export_run(run_dir, out / "export", overwrite=True, licence_notes=notes)
     knowledge = knowledge_check(run_dir, out / "held_out", seed=recipe.seed)
     markdown = knowledge_table(knowledge, len(find_images(out / "held_out")))
     (out / "knowledge").mkdir(parents=True, exist_ok=True)

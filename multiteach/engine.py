@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ def write_checkpoint(
     digest: str,
     batch: int,
     strategy: str = "ddp",
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint in the single-process format whatever the strategy: FSDP gathers the full
     weights and optimiser state (every rank takes part, rank 0 writes); DeepSpeed adds its per-rank
@@ -145,6 +147,7 @@ def write_checkpoint(
         digest: :func:`multiteach.train.recipe_hash` of the recipe (refuses resuming another recipe).
         batch: Images per optimiser step over all processes (``images`` = ``step * batch``).
         strategy: ``train.distributed.strategy``.
+        extra: More JSON values for the checkpoint's ``state.json`` (the run summary's progress so far).
     """
     acc.wait_for_everyone()
     weights: Any = model
@@ -165,7 +168,13 @@ def write_checkpoint(
             weights,
             ema.module if ema else None,
             optim_state,
-            {"recipe_hash": digest, "images": step * batch, "strategy": strategy, "processes": acc.num_processes},
+            {
+                **(extra or {}),
+                "recipe_hash": digest,
+                "images": step * batch,
+                "strategy": strategy,
+                "processes": acc.num_processes,
+            },
             shared=shared_names(model),
             move_in=move_in,
         )

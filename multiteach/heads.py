@@ -261,7 +261,8 @@ class ProjectionHeads(nn.Module):
     or under ``"shared"`` when one head serves both targets (GPFM style).
 
     Args:
-        in_dim: Student token width D_in.
+        in_dim: Student width D_in, or ``{"summary": D_s, "patch": D_p}`` when the student's summary and patch
+            tokens differ in width (a feature-map student whose head widens its pooled feature, MobileNetV3).
         targets: Teacher name -> {target: teacher width} for the targets that are used, e.g.
             ``{"uni": {"summary": 1024, "patch": 1024}, "conch": {"summary": 512}}``.
         configs: Teacher name -> ``{kind, shared, bottleneck?, hidden?}``; teachers left out get
@@ -273,12 +274,14 @@ class ProjectionHeads(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
+        in_dim: int | Mapping[str, int],
         targets: Mapping[str, Mapping[str, int]],
         configs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
-        self.in_dim = check_dim("ProjectionHeads", "in_dim", in_dim)
+        dims = dict(in_dim) if isinstance(in_dim, Mapping) else dict.fromkeys(TARGETS, in_dim)
+        self.in_dims = {t: check_dim("ProjectionHeads", "in_dim", dims.get(t)) for t in TARGETS}
+        self.in_dim = self.in_dims["summary"]
         configs = dict(configs or {})
         for name in configs:
             if name not in targets:
@@ -289,7 +292,7 @@ class ProjectionHeads(nn.Module):
         self._targets: dict[str, tuple[str, ...]] = {}
         for name, dims in targets.items():
             _check_teacher_name(name)
-            self.heads[name] = _teacher_heads(name, in_dim, dims, configs.get(name, DEFAULT_HEAD_CONFIG))
+            self.heads[name] = _teacher_heads(name, self.in_dims, dims, configs.get(name, DEFAULT_HEAD_CONFIG))
             self._targets[name] = tuple(t for t in TARGETS if t in dims)
 
     def teachers(self) -> list[str]:
@@ -307,9 +310,9 @@ class ProjectionHeads(nn.Module):
             raise MultiteachError(f"projection target must be 'summary' or 'patch', got {target!r}")
         if target not in self.targets(name):
             raise MultiteachError(f"teacher {name!r} has no {target} head (built for: {', '.join(self.targets(name))})")
-        if x.shape[-1] != self.in_dim:
+        if x.shape[-1] != self.in_dims[target]:
             raise MultiteachError(
-                f"teacher {name!r} {target} head expects (..., {self.in_dim}) input, got {tuple(x.shape)}"
+                f"teacher {name!r} {target} head expects (..., {self.in_dims[target]}) input, got {tuple(x.shape)}"
             )
         heads = self._teacher(name)
         return heads["shared" if "shared" in heads else target](x)
@@ -330,8 +333,11 @@ def _check_teacher_name(name: str) -> None:
         raise MultiteachError(f"teacher name {name!r} cannot key a projection head; use letters, digits, '_' or '-'")
 
 
-def _teacher_heads(name: str, in_dim: int, dims: Mapping[str, int], config: Mapping[str, Any]) -> nn.ModuleDict:
-    """Build one teacher's heads from its used targets ``dims`` ({target: D_t}) and its ``config``.
+def _teacher_heads(
+    name: str, in_dims: Mapping[str, int], dims: Mapping[str, int], config: Mapping[str, Any]
+) -> nn.ModuleDict:
+    """Build one teacher's heads from the student widths ``in_dims`` ({target: D_in}), its used targets ``dims``
+    ({target: D_t}) and its ``config``.
 
     Returns:
         A ModuleDict with ``summary``/``patch`` heads, or one ``shared`` head.
@@ -352,10 +358,16 @@ def _teacher_heads(name: str, in_dim: int, dims: Mapping[str, int], config: Mapp
             raise MultiteachError(
                 f"{owner}: a shared head needs equal summary and patch dims, got {out}; set shared: false"
             )
-        heads["shared"] = build_projection_head(kind, in_dim, next(iter(out.values())), **options)
+        student_widths = {t: in_dims[t] for t in out}
+        if len(set(student_widths.values())) > 1:
+            raise MultiteachError(
+                f"{owner}: a shared head needs equal student summary and patch widths, got {student_widths}; "
+                "set shared: false"
+            )
+        heads["shared"] = build_projection_head(kind, in_dims[next(iter(out))], next(iter(out.values())), **options)
     else:
         for target, dim in out.items():
-            heads[target] = build_projection_head(kind, in_dim, dim, **options)
+            heads[target] = build_projection_head(kind, in_dims[target], dim, **options)
     return heads
 
 

@@ -70,8 +70,10 @@ class DistillModel(nn.Module):
             masks=masks,
             teacher_temp=teacher_temp,
         )
-        if student_crops is not crops and any(t.needs_clean_student for t in self.loss.terms.values()):
-            with torch.no_grad():
+        readers = [t for t in self.loss.terms.values() if t.needs_clean_student]
+        if student_crops is not crops and readers:
+            # a second student pass on the clean crop: with gradients when a term distils into it
+            with torch.set_grad_enabled(torch.is_grad_enabled() and any(t.clean_student_grad for t in readers)):
                 ctx.student_clean = self.embed(crops)
         if ema is not None:
             with torch.no_grad():

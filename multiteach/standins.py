@@ -11,6 +11,7 @@ fit them. For a teacher that knows something, use the shipped ``multiteach-tiny`
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from torch import nn
 from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.layers import resolve_layer_kwargs
 from multiteach.teachers import conch, resolve_spec
+from multiteach.teachers.weights import STANDIN_KEY
 
 # Architecture kwargs of the tiny stand-ins, by family; each keeps its family's token layout traits.
 TINY_TIMM: dict[str, tuple[str, dict[str, Any]]] = {
@@ -232,10 +234,16 @@ def tiny_conch_state(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]
 
 def write_standin_teachers(folder: str | Path, names: tuple[str, ...] = ("h-optimus-0", "uni")) -> dict[str, Path]:
     """Write tiny stand-ins for catalog teachers of the :data:`TINY_TIMM` families, with each teacher's own
-    mean/std, in timm's hub layout; return teacher name -> folder (what a recipe's ``weights:`` takes)."""
+    mean/std, in timm's hub layout; return teacher name -> folder (what a recipe's ``weights:`` takes).
+
+    Each ``config.json`` names the teacher it stands in for (``multiteach_standin``), so the weights doctor
+    reports it as an expected stand-in and the model card as random weights, never as that teacher.
+    """
     out = {}
     for i, name in enumerate(names):
         spec = resolve_spec(name)
         model, arch, args = tiny_timm(name, seed=i)
         out[name] = save_timm_folder(model, Path(folder) / name, arch, args, spec.mean, spec.std)
+        config = json.loads((out[name] / "config.json").read_text())
+        atomic_write_json(out[name] / "config.json", {**config, STANDIN_KEY: name})  # the doctor and card know it
     return out

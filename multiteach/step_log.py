@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from multiteach.atomic import atomic_write_text
 from multiteach.curves import write_run_curves
 from multiteach.data.perturb import StrengthLog
 from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
-from multiteach.run_summary import RunSummary
+from multiteach.run_summary import STATE_KEY, RunSummary, history
 from multiteach.run_summary import render as render_summary
 
 __all__ = ["StepLog"]
@@ -69,6 +70,27 @@ class StepLog:
         self.flat_terms = FlatTermWatch(mode=self.health)
         self.strengths = StrengthLog()  # robust views: perturbation strengths per log window
         self.summary = RunSummary(self.steps, start, skipped)
+
+    def resumed(self, state: Mapping[str, Any]) -> None:
+        """Carry the run's history into this process's summary when it resumed from a checkpoint.
+
+        The main process also drops the ``metrics.jsonl`` lines past the checkpoint's step (logged by a process
+        killed before its next checkpoint; this one logs those steps again), so the file holds each step once.
+
+        Args:
+            state: The ``state.json`` of the checkpoint resumed from (nothing to do when ``step`` is 0).
+        """
+        start = int(state.get("step", 0))
+        if not start:
+            return
+        records = history(self.metrics_file, start)
+        if self.main and self.metrics_file.is_file():
+            lines = [x for x in self.metrics_file.read_text().splitlines() if x.strip()]
+            if len(lines) != len(records):
+                atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in records))
+                dropped = len(lines) - len(records)
+                log.info("metrics.jsonl: %d line(s) past step %d dropped (those steps run again)", dropped, start)
+        self.summary.resume(records, ["loss", *self.loss.names], state.get(STATE_KEY, {}))
 
     def check_targets(self, targets: Mapping[str, Any]) -> None:
         """Health-check the teachers' targets of an optimiser step's first micro-batch (dead teachers)."""

@@ -1,17 +1,29 @@
-"""Students: any timm ``VisionTransformer`` wrapped to return a :class:`TeacherOutput`.
+"""Students: a timm ``VisionTransformer``, or any timm model with a spatial feature map, returning a
+:class:`TeacherOutput`.
 
-The student is a plain timm model (``Student.model``) plus a DINOv2-style learned ``mask_token``
-kept outside it, so an exported student reloads with ``timm.create_model`` alone. Architecture
-kwargs that are classes in timm (``mlp_layer``, ``act_layer``, ``norm_layer``) are written in
-recipes as names and resolved through :data:`multiteach.layers.LAYER_NAMES`, the table the teacher
-loaders use too, so an exported student's config reloads the same way.
+:func:`build_student` picks the kind from the architecture:
+
+- :class:`ViTStudent` (``vit_*``, DeiT, hybrids): CLS token as summary, patch tokens, and a DINOv2-style learned
+  ``mask_token`` kept outside the timm model for iBOT masking;
+- :class:`FeatureMapStudent` (ConvNeXt, EfficientNet, ResNet, RegNet, FastViT, MobileNetV3/V4, Swin, MaxViT, ...):
+  the model's own pooled feature (``forward_head(pre_logits=True)``) as summary and its final feature map
+  flattened to (B, h*w, C) as patch tokens, so every feature term reaches each teacher's grid through the usual
+  grid resampling. No mask token: iBOT and ``student.init_from`` need a ViT (:func:`check_student_recipe` says so
+  when the recipe is read).
+
+Either way the student is a plain timm model (``Student.model``), so an export reloads with ``timm.create_model``
+alone. Architecture kwargs that are classes in timm (``mlp_layer``, ``act_layer``, ``norm_layer``) are written in
+recipes as names and resolved through :data:`multiteach.layers.LAYER_NAMES`, the table the teacher loaders use
+too, so an exported student's config reloads the same way.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -49,6 +61,83 @@ def student_mean_std(
 
 
 class Student(nn.Module):
+    """A timm model (``self.model``) returning a summary and patch tokens; see :class:`ViTStudent` and
+    :class:`FeatureMapStudent`, which :func:`build_student` chooses between.
+
+    Args:
+        model: The timm model, built with ``num_classes=0``.
+        arch: The timm architecture name it was built from.
+        model_kwargs: The kwargs it was built with, in JSON form (layer classes as names).
+
+    Shapes:
+        forward: x (B, 3, H, W) normalised, masks (B, h*w) bool or None -> TeacherOutput(
+        summary (B, D_s), patch_tokens (B, h*w, D), grid (h, w)), (h, w) = :meth:`grid_for` (H, W).
+    """
+
+    #: Whether the student is a timm VisionTransformer (mask token, class token, ``init_from``).
+    is_vit = False
+    mask_token: nn.Parameter | None
+
+    def __init__(self, model: nn.Module, arch: str, model_kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.model_kwargs = dict(model_kwargs)
+
+    @property
+    def family(self) -> str:
+        """The timm class the student is built from (``VisionTransformer``, ``ConvNeXt``, ...)."""
+        return type(self.model).__name__
+
+    @property
+    def embed_dim(self) -> int:
+        """Patch-token width D."""
+        raise NotImplementedError
+
+    @property
+    def summary_dim(self) -> int:
+        """Summary width D_s (the exported backbone's embedding)."""
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> int:
+        """Input pixels per token side (a ViT's patch size, a feature map's total stride)."""
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the timm model's ``forward_features`` output (0 for a feature map)."""
+        return 0
+
+    @property
+    def num_registers(self) -> int:
+        """Register tokens (0 for a feature map)."""
+        return 0
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of ``height`` x ``width`` pixels."""
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (timm's own switch).
+
+        Raises:
+            MultiteachError: if the student's timm family has no gradient checkpointing.
+        """
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError) as err:
+            raise MultiteachError(
+                f"student {self.arch!r}: timm's {self.family} has no gradient checkpointing ({type(err).__name__}: "
+                f"{err}); train it without"
+            ) from None
+
+    def extra_repr(self) -> str:
+        """One-line summary shown by ``print(student)``."""
+        return f"arch={self.arch!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+
+class ViTStudent(Student):
     """A timm ViT returning CLS and patch tokens, with a learned mask token for iBOT-style masking.
 
     Args:
@@ -61,18 +150,22 @@ class Student(nn.Module):
         summary (B, D), patch_tokens (B, h*w, D), grid (h, w)), with h, w = H // p, W // p.
     """
 
+    is_vit = True
+
     def __init__(self, model: VisionTransformer, arch: str, model_kwargs: Mapping[str, Any]) -> None:
-        super().__init__()
         _check_model(model, arch)
-        self.model = model
-        self.arch = arch
-        self.model_kwargs = dict(model_kwargs)
+        super().__init__(model, arch, model_kwargs)
         device = next(model.parameters()).device
         self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=device))  # DINOv2: zero init
 
     @property
     def embed_dim(self) -> int:
         """Token width D."""
+        return self.model.embed_dim
+
+    @property
+    def summary_dim(self) -> int:
+        """Summary (CLS) width: the token width D."""
         return self.model.embed_dim
 
     @property
@@ -89,10 +182,6 @@ class Student(nn.Module):
     def num_registers(self) -> int:
         """Register tokens."""
         return getattr(self.model, "num_reg_tokens", 0)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass (timm's own switch)."""
-        self.model.set_grad_checkpointing(enable)
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid (h, w) for an input of ``height`` x ``width`` pixels."""
@@ -153,9 +242,150 @@ class Student(nn.Module):
         if not pe.dynamic_img_pad and (size[0] % self.patch_size or size[1] % self.patch_size):
             raise MultiteachError(f"student input {size} is not a multiple of patch size {self.patch_size}")
 
-    def extra_repr(self) -> str:
-        """One-line summary shown by ``print(student)``."""
-        return f"arch={self.arch!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+class FeatureMapStudent(Student):
+    """Any timm model with a spatial feature map as a student (ConvNeXt, EfficientNet, ResNet, FastViT, Swin, ...).
+
+    The summary is the model's own pooled feature, ``forward_head(pre_logits=True)``: exactly what the exported
+    timm model returns from ``model(x)``. The patch tokens are the final feature map read row-major, so feature
+    terms resample them to each teacher's grid like a ViT's. There is no mask token (``mask_token`` is None).
+
+    Args:
+        model: A timm model built with ``num_classes=0`` whose ``forward_features`` returns (B, C, h, w), or
+            (B, h, w, C) for NHWC families (Swin, MambaOut).
+        arch: The timm architecture name it was built from.
+        model_kwargs: The kwargs it was built with, in JSON form (layer classes as names).
+        img_size: An input size (px) the layout is read at (the recipe's ``student.img_size``).
+
+    Shapes:
+        forward: x (B, 3, H, W) normalised -> TeacherOutput(summary (B, D_s), patch_tokens (B, h*w, C), grid (h, w)),
+        (h, w) the feature map's size, about (H, W) / :attr:`patch_size`.
+
+    Raises:
+        MultiteachError: if the model's ``forward_features`` output is not a 4-D feature map (token-sequence families
+        such as LeViT, EfficientFormer or Eva), or it cannot run on ``img_size`` inputs.
+    """
+
+    def __init__(self, model: nn.Module, arch: str, model_kwargs: Mapping[str, Any], img_size: int = 224) -> None:
+        super().__init__(model, arch, model_kwargs)
+        self.register_parameter("mask_token", None)  # iBOT needs a ViT: nothing to mask here
+        # a shape-only copy on the meta device answers grid and width questions without touching the weights or
+        # batch-norm statistics; kept out of the module tree (no parameters, no state dict entries)
+        self.__dict__["_shapes"] = _meta_copy(model).eval()
+        self.__dict__["_grids"] = {}
+        self._nhwc, self._channels, self._summary_dim = _feature_layout(self._shapes, arch, int(img_size))
+
+    @property
+    def nhwc(self) -> bool:
+        """Whether ``forward_features`` returns (B, h, w, C) (Swin, MambaOut) rather than (B, C, h, w)."""
+        return self._nhwc
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels C of the final feature map (the patch-token width)."""
+        return self._channels
+
+    @property
+    def summary_dim(self) -> int:
+        """Width D_s of the pooled feature ``forward_head(pre_logits=True)`` (C, or a head's hidden width)."""
+        return self._summary_dim
+
+    @property
+    def patch_size(self) -> int:
+        """Total stride of the final feature map (timm's ``feature_info`` reduction), in input pixels."""
+        info = getattr(self.model, "feature_info", None)
+        if info:
+            last = info[-1] if isinstance(info, list) else info.info[-1]
+            return int(last["reduction"])
+        return max(1, 224 // self.grid_for(224, 224)[0])
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Feature-map grid (h, w) for an input of ``height`` x ``width`` pixels (read on the meta copy, cached)."""
+        key = (int(height), int(width))
+        if key not in self._grids:
+            fmap = _meta_features(self._shapes, self.arch, key)
+            self._grids[key] = tuple(int(v) for v in (fmap.shape[1:3] if self._nhwc else fmap.shape[-2:]))
+        return self._grids[key]
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> TeacherOutput:
+        """Embed a normalised batch; see the class docstring for shapes.
+
+        Raises:
+            MultiteachError: for masks (they need a ViT's mask token) or an input that is not (B, C_in, H, W).
+        """
+        if masks is not None:
+            raise MultiteachError(
+                f"student {self.arch!r} (timm's {self.family}) has no mask token: iBOT masks need a ViT student"
+            )
+        in_chans = getattr(self.model, "in_chans", 3)
+        if x.ndim != 4 or x.shape[1] != in_chans:
+            raise MultiteachError(f"student expects (B, {in_chans}, H, W), got {tuple(x.shape)}")
+        fmap = self.model.forward_features(x)
+        summary = self.model.forward_head(fmap, pre_logits=True)
+        if self._nhwc:
+            grid, tokens = fmap.shape[1:3], fmap.flatten(1, 2)
+        else:
+            grid, tokens = fmap.shape[-2:], fmap.flatten(2).transpose(1, 2)
+        return TeacherOutput(summary, tokens, (int(grid[0]), int(grid[1])))
+
+
+#: Families with a spatial feature map, named in errors as examples of students that work.
+FEATURE_MAP_EXAMPLES = (
+    "convnext_atto",
+    "efficientnet_b0",
+    "resnet18",
+    "regnetx_002",
+    "mobilenetv3_small_100",
+    "mobilenetv4_conv_small",
+    "fastvit_t8",
+    "swin_tiny_patch4_window7_224",
+)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the meta device, the weights never copied."""
+    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()})
+    return copy.deepcopy(model, memo)
+
+
+def _meta_features(model: nn.Module, arch: str, size: tuple[int, int]) -> torch.Tensor:
+    """``forward_features`` of a meta-device model on a (2, 3, H, W) meta input; a MultiteachError if it fails."""
+    try:
+        return model.forward_features(torch.empty(2, 3, *size, device="meta"))
+    except Exception as err:  # noqa: BLE001 - any failure of timm's forward means the size does not fit
+        raise MultiteachError(
+            f"student {arch!r} (timm's {type(model).__name__}) cannot take {size[0]}x{size[1]} px inputs "
+            f"({type(err).__name__}: {str(err)[:200]}); pick sizes it accepts (student.img_size, crop sizes)"
+        ) from None
+
+
+def _feature_layout(model: nn.Module, arch: str, size: int) -> tuple[bool, int, int]:
+    """``(nhwc, channels, summary width)`` of a meta-device model's final feature map at ``size`` px.
+
+    Raises:
+        MultiteachError: naming the family and the students that work when the output is not a 4-D feature map.
+    """
+    try:
+        fmap = _meta_features(model, arch, (size, size))
+    except MultiteachError:  # a token family built for another size: say it is not a feature map, first
+        native = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+        if native == size or _meta_features(model, arch, (native, native)).ndim == 4:
+            raise
+        fmap = _meta_features(model, arch, (native, native))
+    if not isinstance(fmap, torch.Tensor) or fmap.ndim != 4:
+        got = tuple(fmap.shape) if isinstance(fmap, torch.Tensor) else type(fmap).__name__
+        raise MultiteachError(
+            f"student arch {arch!r}: timm's {type(model).__name__} returns {got} from forward_features, not a "
+            "spatial feature map (B, C, h, w) or (B, h, w, C), so its output cannot be read as patch tokens on a "
+            "grid. Use a timm VisionTransformer (vit_tiny_patch16_224, ...) with a class token, or a family with a "
+            f"feature map: {', '.join(FEATURE_MAP_EXAMPLES)}"
+        )
+    fmt = str(getattr(getattr(model, "output_fmt", None), "value", getattr(model, "output_fmt", "")) or "")
+    nf = int(getattr(model, "num_features", fmap.shape[1]))
+    nhwc = fmt.endswith("NHWC") or (not fmt and fmap.shape[1] != nf and fmap.shape[-1] == nf)
+    summary = model.forward_head(fmap, pre_logits=True)
+    return nhwc, int(fmap.shape[-1] if nhwc else fmap.shape[1]), int(summary.shape[-1])
 
 
 def _patch_stride(model: VisionTransformer) -> tuple[int, int]:
@@ -193,17 +423,76 @@ def _check_arch(arch: str) -> None:
     raise MultiteachError(f"unknown student arch {arch!r} (not a timm model).{did_you_mean(arch, timm.list_models())}")
 
 
-def _unexpected_kwarg_error(arch: str, err: TypeError) -> MultiteachError:
-    """Turn timm's 'unexpected keyword argument' TypeError into a clear message.
+class ArchInfo(NamedTuple):
+    """What a timm architecture's default model is, read once on the meta device (:func:`arch_info`).
 
-    A non-ViT arch rejects the ViT kwargs too, so the arch is first probed on the meta device.
+    Attributes:
+        family: The timm class name (``VisionTransformer``, ``ConvNeXt``, ...).
+        is_vit: Whether it is a timm ``VisionTransformer`` (any subclass).
+        params: The class constructor's parameter names.
+        var_kwargs: Whether the constructor also takes ``**kwargs``.
+        group_matcher: Whether it has timm's ``group_matcher`` (what layer-wise LR decay groups blocks by).
     """
-    probe = timm.create_model(arch, device="meta")
-    if not isinstance(probe, VisionTransformer):
-        return _not_vit_error(arch, probe)
+
+    family: str
+    is_vit: bool
+    params: frozenset[str]
+    var_kwargs: bool
+    group_matcher: bool
+
+    def takes(self, name: str) -> bool:
+        """Whether the constructor accepts keyword ``name``."""
+        return name in self.params or self.var_kwargs
+
+
+@functools.lru_cache(maxsize=64)
+def arch_info(arch: str) -> ArchInfo:
+    """:class:`ArchInfo` of timm architecture ``arch`` (its default model built on the meta device, cached)."""
+    model = timm.create_model(arch, pretrained=False, num_classes=0, device="meta")
+    sig = inspect.signature(type(model).__init__).parameters
+    return ArchInfo(
+        family=type(model).__name__,
+        is_vit=isinstance(model, VisionTransformer),
+        params=frozenset(p for p in sig if p != "self"),
+        var_kwargs=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()),
+        group_matcher=hasattr(model, "group_matcher"),
+    )
+
+
+#: Student kwargs that only a ViT has, with what they are, for the message when another family gets one.
+VIT_ONLY_KWARGS: dict[str, str] = {
+    "reg_tokens": "register tokens are extra ViT tokens; a feature map has no token sequence to add them to",
+    "class_token": "a feature-map student's summary is its own pooled feature (forward_head), not a class token",
+    "dynamic_img_size": "a feature-map student takes any input size its strides allow",
+    "no_embed_class": "a feature-map student has no positional embedding",
+}
+
+
+def _unexpected_kwarg_error(arch: str, err: TypeError, info: ArchInfo) -> MultiteachError:
+    """Turn timm's 'unexpected keyword argument' TypeError into a message naming the kwarg and the family."""
     bad = str(err).rsplit("argument", 1)[-1].strip(" '\"")
-    allowed = [p for p in inspect.signature(VisionTransformer.__init__).parameters if p != "self"]
-    return MultiteachError(f"student {arch!r}: unknown model kwarg {bad!r}.{did_you_mean(bad, allowed)}")
+    if not info.is_vit and bad in VIT_ONLY_KWARGS:
+        return MultiteachError(
+            f"student.kwargs.{bad}: a ViT setting, and {arch!r} is timm's {info.family}: {VIT_ONLY_KWARGS[bad]}. "
+            f"Remove student.kwargs.{bad}, or use a ViT student (e.g. vit_tiny_patch16_224)"
+        )
+    return MultiteachError(
+        f"student {arch!r}: unknown model kwarg {bad!r} for timm's {info.family}.{did_you_mean(bad, info.params)}"
+    )
+
+
+def _drop_path_kwargs(arch: str, info: ArchInfo, rate: float) -> dict[str, float]:
+    """``{"drop_path_rate": rate}`` for timm, or {} for 0; refused for a family without stochastic depth."""
+    if info.is_vit:
+        return {"drop_path_rate": rate}
+    if not rate:
+        return {}
+    if not info.takes("drop_path_rate"):
+        raise MultiteachError(
+            f"student.drop_path_rate={rate}: timm's {info.family} ({arch!r}) has no stochastic depth (its "
+            "constructor takes no drop_path_rate); set student.drop_path_rate: 0"
+        )
+    return {"drop_path_rate": rate}
 
 
 def build_student(
@@ -214,40 +503,121 @@ def build_student(
     device: str | torch.device | None = None,
     **model_kwargs: Any,
 ) -> Student:
-    """Build a :class:`Student` from a timm ViT name and kwargs.
+    """Build a :class:`ViTStudent` or :class:`FeatureMapStudent` from a timm name and kwargs.
 
     Args:
-        arch: timm model name (``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``, ...).
+        arch: timm model name: a ViT (``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``, ...) or any
+            family with a spatial feature map (``convnext_atto``, ``efficientnet_b0``, ``resnet18``, ...).
         pretrained: Load timm's pretrained weights (needs the Hub or a local cache).
-        img_size: Size the positional embedding is built for (int or (H, W)); other sizes are
-            resampled on the fly while ``dynamic_img_size`` is True (the default).
-        drop_path_rate: Stochastic-depth rate of the last block (linear decay from 0).
+        img_size: For a ViT, the size the positional embedding is built for (int or (H, W)); other sizes are
+            resampled on the fly while ``dynamic_img_size`` is True (the default). Other families get it only
+            when their constructor takes it (Swin, MaxViT); their layout is read at this size.
+        drop_path_rate: Stochastic-depth rate of the last block (linear decay from 0), for families that have it.
         device: Where to create the parameters (``"meta"`` for a shape-only model).
-        **model_kwargs: Further timm kwargs; ``mlp_layer``/``act_layer``/``norm_layer`` may be names
-            from :data:`multiteach.layers.LAYER_NAMES` (e.g. ``mlp_layer="swiglu_packed", act_layer="silu"``).
-            ``num_classes`` is always 0.
+        **model_kwargs: Further timm kwargs of the family (``depth`` for a ViT, ``dims``/``depths`` for ConvNeXt,
+            ...); ``mlp_layer``/``act_layer``/``norm_layer`` may be names from :data:`multiteach.layers.LAYER_NAMES`
+            (e.g. ``mlp_layer="swiglu_packed", act_layer="silu"``). ``num_classes`` is always 0.
 
     Returns:
         The student; ``student.model_kwargs`` holds the JSON form (without ``drop_path_rate``).
 
     Raises:
-        MultiteachError: for an unknown arch, layer name or kwarg, or a non-ViT / CLS-less model.
+        MultiteachError: for an unknown arch (with close matches), layer name or kwarg (a ViT-only one such as
+            ``reg_tokens`` on another family is named as such), drop path on a family without it, a ViT without
+            a class token, or a family whose output is not a feature map.
     """
     _check_arch(arch)
     if model_kwargs.get("num_classes", 0) != 0:
         raise MultiteachError(f"students are headless: num_classes must be 0, got {model_kwargs['num_classes']}")
     img_size = img_size if isinstance(img_size, int) else [int(s) for s in img_size]
-    kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs, "img_size": img_size}
-    resolved = resolve_layer_kwargs(kwargs)
+    info = arch_info(arch)
+    if info.is_vit:
+        kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs, "img_size": img_size}
+    else:
+        kwargs = {"num_classes": 0, **model_kwargs}
+        if "img_size" in info.params and "img_size" not in kwargs:
+            kwargs["img_size"] = img_size
+    resolved = {**resolve_layer_kwargs(kwargs), **_drop_path_kwargs(arch, info, drop_path_rate)}
     if device is not None:
         resolved["device"] = device
     try:
-        model = timm.create_model(arch, pretrained=pretrained, drop_path_rate=drop_path_rate, **resolved)
+        model = timm.create_model(arch, pretrained=pretrained, **resolved)
     except TypeError as err:
+        if "multiple values for keyword argument" in str(err):
+            bad = str(err).rsplit("argument", 1)[-1].strip(" '\"")
+            raise MultiteachError(
+                f"student.kwargs.{bad}: timm's {arch!r} entry point sets {bad} itself, so it cannot be changed "
+                f"there; leave it out or pick another {info.family} arch"
+            ) from err
         if "unexpected keyword argument" not in str(err):
             raise
-        raise _unexpected_kwarg_error(arch, err) from err
-    return Student(model, arch, layer_kwargs_to_names(kwargs))
+        raise _unexpected_kwarg_error(arch, err, info) from err
+    if info.is_vit:
+        return ViTStudent(model, arch, layer_kwargs_to_names(kwargs))
+    size = img_size if isinstance(img_size, int) else img_size[0]
+    return FeatureMapStudent(model, arch, layer_kwargs_to_names(kwargs), img_size=size)
+
+
+def check_student_recipe(recipe: Any) -> None:
+    """Refuse, when a recipe is read, the student settings its architecture cannot apply.
+
+    A ViT student passes unchanged (its kwargs are checked when it is built, as before). For any other family
+    (a :class:`FeatureMapStudent`) this refuses, naming the key and what to use instead: ``student.init_from``
+    (it copies ViT layers), iBOT terms and ``data.masking`` (they need a ViT's mask token), ``optim.layer_decay``
+    on a family without timm's ``group_matcher``, FSDP's per-block wrapping; and it builds the student on the meta
+    device at the crop sizes it will see, so a kwarg, drop path or input size the family does not take fails now.
+    ``hf-hub:`` and ``local-dir:`` archs are checked when built.
+
+    Args:
+        recipe: A :class:`~multiteach.config.Recipe` being finished (``student``, ``losses``, ``data``, ``optim``).
+
+    Raises:
+        MultiteachError: naming the recipe key, the family and what works instead.
+    """
+    s = recipe.student
+    if ":" in s.arch:
+        return
+    info = arch_info(s.arch)
+    if info.is_vit:
+        return
+    what = f"{s.arch!r} is timm's {info.family}, which has no patch embedding or mask token"
+    if s.init_from is not None:
+        raise MultiteachError(
+            f"student.init_from: {s.init_from!r} would copy a teacher's ViT patch embedding and blocks, and {what}. "
+            "Remove student.init_from (a random init; timm's pretrained weights, student.pretrained: true, need the "
+            "Hub or its cache), or use a ViT student such as vit_tiny_patch16_224"
+        )
+    for name, cfg in recipe.losses.items():
+        if isinstance(cfg, Mapping) and cfg.get("type") == "ibot" and cfg.get("weight", 1) not in (0, None):
+            raise MultiteachError(
+                f"losses.{name}: iBOT needs a ViT student (masked patch embeddings are replaced by a learned mask "
+                f"token), and {what}. Use a dino term on the pooled summary, which works for every family, and set "
+                f"losses.{name}=null"
+            )
+    if recipe.data.masking is not None:
+        raise MultiteachError(f"data.masking: iBOT block masks need a ViT student, and {what}; set data.masking: null")
+    if recipe.optim.layer_decay is not None and not info.group_matcher:
+        raise MultiteachError(
+            f"optim.layer_decay={recipe.optim.layer_decay}: timm's {info.family} has no group_matcher, so its layers "
+            "have no depth order to decay the learning rate over; set optim.layer_decay: null"
+        )
+    dist = recipe.train.distributed
+    if dist.strategy == "fsdp" and dist.fsdp.auto_wrap == "blocks":
+        raise MultiteachError(
+            f"train.distributed.fsdp.auto_wrap=blocks: wraps each ViT block in its own FSDP unit, and timm's "
+            f"{info.family} has no blocks list; set train.distributed.fsdp.auto_wrap: none (one unit), or use ddp"
+        )
+    student = build_student(
+        s.arch, img_size=s.img_size, drop_path_rate=s.drop_path_rate, device="meta", **dict(s.kwargs)
+    )
+    sizes = {"data.global_crops.size": recipe.data.global_crops.size}
+    if recipe.data.local_crops.n:
+        sizes["data.local_crops.size"] = recipe.data.local_crops.size
+    for key, size in sizes.items():
+        try:
+            student.grid_for(size, size)
+        except MultiteachError as err:
+            raise MultiteachError(f"{key}={size}: {err}") from None
 
 
 def spread_blocks(n_teacher: int, n_student: int) -> list[int]:
@@ -282,6 +652,11 @@ def init_from_teacher(
         MultiteachError: if the teacher is not a timm ViT, an index is out of range, the count differs from
             the student's depth, or a tensor's shape differs (the message names the parameter).
     """
+    if not student.is_vit:
+        raise MultiteachError(
+            f"student.init_from: copies a teacher's ViT layers into a ViT student; {student.arch!r} is timm's "
+            f"{student.family}. Remove student.init_from (random init) or use a ViT student"
+        )
     if not isinstance(teacher_vit, VisionTransformer):
         raise MultiteachError(
             f"student.init_from: teacher {name!r} is a {type(teacher_vit).__name__}, not a timm VisionTransformer; "

@@ -29,6 +29,7 @@ from multiteach.train import StopRequest, recipe_hash, train
 log = logging.getLogger("multiteach.sweep")
 
 COMPLETE, INCOMPLETE, NOT_STARTED = "complete", "incomplete", "not started"
+TEMPERATURE_TERMS = ("dino", "ibot")  # the loss types that read the scheduled teacher temperature
 
 
 class SweepInterrupted(RunInterrupted):
@@ -119,7 +120,7 @@ def run_sweep(source: str, grid: list[str], overrides: list[str] = (), root: str
                 stopped = exc
                 break
         root.mkdir(parents=True, exist_ok=True)
-        rows = [_row(root / name, name, values, recipe.schedule.steps) for name, values, recipe in plan]
+        rows = [_row(root / name, name, values, recipe) for name, values, recipe in plan]
         _write_summary(root, list(axes), rows)
         _plot_curves(root, rows, list(axes))
     if stopped is not None:
@@ -136,13 +137,17 @@ def _is_complete(recipe: Any) -> bool:
     return state.get("recipe_hash") == recipe_hash(recipe) and int(state["step"]) >= recipe.schedule.steps
 
 
-def _row(run_dir: Path, name: str, values: dict[str, str], planned: int) -> dict[str, Any]:
-    """One summary row: the grid values, whether the run is complete (steps done/planned), its last metrics."""
+def _row(run_dir: Path, name: str, values: dict[str, str], recipe: Any) -> dict[str, Any]:
+    """One summary row: the grid values, whether the run is complete (steps done/planned), its last metrics
+    (``teacher_temp`` only when a DINO/iBOT term reads it)."""
+    planned = recipe.schedule.steps
     done, _ = run_progress(run_dir)
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     status = COMPLETE if done >= planned else (INCOMPLETE if done or lines else NOT_STARTED)
     first, last = (json.loads(lines[0]), json.loads(lines[-1])) if lines else ({}, {})
+    if not any(cfg.get("type") in TEMPERATURE_TERMS for cfg in recipe.active_losses().values()):
+        last.pop("teacher_temp", None)
     # each term's change over the run beside its last value: an ablation is read term by term
     changes = {f"{k} change": last[k] - first[k] for k in term_names([last]) if k in first}
     return {"run": name, **values, "status": status, "steps": f"{done}/{planned}", **last, **changes}

@@ -52,10 +52,13 @@ from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.hardware import resolve_precision
 from multiteach.losses import active_teachers
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
+from multiteach.run_summary import render as render_summary
+from multiteach.run_summary import stored_summary
 from multiteach.schedules import cosine, linear_warmup
 from multiteach.seeding import seed_everything
 from multiteach.step_log import StepLog
 from multiteach.teachers.doctor import preflight
+from multiteach.teachers.loaded import write_teacher_record
 from multiteach.threads import choose_threads
 
 log = logging.getLogger("multiteach.train")
@@ -180,13 +183,15 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 1. the run directory: refuse a different recipe, find where to resume ----------------------
     digest = recipe_hash(recipe)
     last = _resume_from(run_dir, digest, resume)
+    if last is not None and json.loads((last / "state.json").read_text())["step"] >= recipe.schedule.steps:
+        return _already_finished(acc, recipe, run_dir, last)
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
     tiles = training_source(recipe)
     # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
     cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
-    if cache is None:  # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
-        preflight(recipe, active_teachers(recipe.active_losses()))
+    # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
+    checked = preflight(recipe, active_teachers(recipe.active_losses())) if cache is None else None
     seed_everything(recipe.seed)
     comps = build_components(recipe, cache=cache)
     model, teachers = comps.model, comps.teachers
@@ -205,6 +210,8 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     file_log: logging.Handler | None = None
     if acc.is_main_process:
         file_log = _start_run_dir(recipe, run_dir, model, teachers, cache, tiles, state, (n_threads, threads_from))
+        if checked is not None:  # what each teacher really loaded, for the model card (teachers.json)
+            write_teacher_record(run_dir, recipe, checked)
 
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
     if recipe.train.compile:
@@ -229,10 +236,12 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     tracker_log = acc.log if recipe.train.trackers else None
     skipped_at_start = len(tiles.describe()["skipped"])
     book = StepLog(recipe, run_dir, unwrapped.loss, start, skipped_at_start, world, acc.is_main_process, tracker_log)
+    book.resumed(state)  # a resumed run's summary starts at its step 1
     ema_momentum = recipe.schedule.ema_momentum
 
     def save(at: int) -> None:  # a checkpoint of optimiser step ``at``
-        write_checkpoint(acc, run_dir, at, unwrapped, ema, optimizer, digest, micro * world * accum, strategy)
+        batch = micro * world * accum
+        write_checkpoint(acc, run_dir, at, unwrapped, ema, optimizer, digest, batch, strategy, book.summary.progress())
 
     step, micro_i, stopped_by = start, 0, 0
     try:
@@ -302,7 +311,30 @@ def _accelerator(recipe: Any) -> Accelerator:
     logging.basicConfig(
         level=logging.INFO if acc.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
+    # huggingface_hub prints through a handler of its own: passed on to the root handler too, each line came twice
+    logging.getLogger("huggingface_hub").propagate = False
     return acc
+
+
+def _already_finished(acc: Accelerator, recipe: Any, run_dir: Path, last: Path) -> Path:
+    """A re-run of a run that already reached ``schedule.steps``: say so and print its stored summary.
+
+    Returns:
+        The run directory (nothing is built or trained).
+    """
+    if acc.is_main_process:
+        state = json.loads((last / "state.json").read_text())
+        summary = stored_summary(run_dir, state, recipe.schedule.steps)
+        log.info(
+            "%s already finished (%d of %d steps, checkpoint %s); nothing to train. Its summary (summary.json):\n%s",
+            run_dir,
+            int(state["step"]),
+            recipe.schedule.steps,
+            last.name,
+            render_summary(summary),
+        )
+    acc.wait_for_everyone()
+    return run_dir
 
 
 def _resume_from(run_dir: Path, digest: str, resume: bool | None) -> Path | None:

@@ -52,6 +52,11 @@ def test_publish_example(tmp_path):
     out = run_example("publish/run.py", tmp_path)
     assert "embedding: (2, 192)" in out
     card = (tmp_path / "student" / "README.md").read_text()
-    # the demo recipe's teachers (multiteach-tiny, an H-optimus-0 stand-in) are Apache-2.0: no restriction
-    assert "multiteach-tiny" in card and "apache-2.0" in card.lower() and "non-commercial use only" not in card.lower()
+    # multiteach-tiny is credited with its licence and card; the H-optimus-0 stand-in as random weights, never as
+    # H-optimus-0 (its page, its licence), with the licence note the example states for it
+    assert "| multiteach-tiny | [multiteach-tiny](teacher-card-multiteach-tiny.md) | Apache-2.0 | no | no |" in card
+    assert "multiteach-tiny" in (tmp_path / "student" / "teacher-card-multiteach-tiny.md").read_text()  # exported
+    assert "tiny random stand-in of h-optimus-0 written by multiteach" in card and "bioptimus" not in card
+    assert "Licence, as stated by the exporter: none to inherit" in card
+    assert "non-commercial use only" not in card.lower()
     assert "my-org/my-student" in out and "model.safetensors" in out

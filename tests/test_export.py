@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import multiteach
 import multiteach.publish.export as export
 from multiteach.cli import main
 from multiteach.config import load_recipe
@@ -34,9 +36,11 @@ from multiteach.publish import (
     push_to_hub,
     redact_local_path,
     speed_card,
+    speed_lines,
     split_shared,
     teacher_rows,
 )
+from multiteach.publish.card import teacher_card_files
 from multiteach.runs import load_run_student
 from multiteach.standins import write_cache_repo
 from multiteach.train import train
@@ -195,14 +199,19 @@ def test_model_card_licence_front_matter_and_sections(tiny_run, tiny_export):
     card = (tiny_export / "README.md").read_text()
     front = _front_matter(card)
     assert front["library_name"] == "timm"
-    assert front["license"] == "cc-by-nc-nd-4.0"
+    assert front["license"] == "other"  # the `uni` weights are another model (below): no UNI licence claimed
     assert front["tags"] == ["pathology", "multiteach", "distillation"]
     assert front["pipeline_tag"] == "image-feature-extraction"
-    assert "**Non-commercial use only.**" in card
-    assert "may not be used commercially" in card
-    assert "Gated teacher(s): uni" in card
-    assert "| uni | [uni](https://huggingface.co/MahmoodLab/UNI) | CC-BY-NC-ND-4.0 | yes | yes |" in card
+    # the same run credited as the catalog's UNI: its licence, Hub page and gating
+    as_uni = model_card(load_run_student(tiny_run), tiny_run, loaded={"uni": {"source": "uni", "catalog_model": True}})
+    assert _front_matter(as_uni)["license"] == "cc-by-nc-nd-4.0"
+    assert "**Non-commercial use only.**" in as_uni and "may not be used commercially" in as_uni
+    assert "Gated teacher(s): uni" in as_uni
+    assert "| uni | [uni](https://huggingface.co/MahmoodLab/UNI) | CC-BY-NC-ND-4.0 | yes | yes |" in as_uni
     assert "Loss = 1*uni.cls + 0.5*uni.patch + 1*dino + 1*ibot" in card
+    assert "`vit_tiny_patch16_224` (1.04M params)" in card and '"depth": 2, "img_size": 64}`, random init' in card
+    assert f"the `multiteach` Python package, version {multiteach.__version__} (Apache-2.0)" in card
+    assert "github.com" not in card  # no unchecked repository address
     assert "2 planned, 2 completed" in card and "batch: 8 images per step" in card
     assert "24 tiles from" in card
     assert 'model = timm.create_model("hf-hub:ORG/NAME", pretrained=True)' in card
@@ -217,17 +226,71 @@ def test_model_card_generic_teacher_expert_heads_and_tables(tiny_run, tiny_expor
     )
     generic = dataclasses.replace(run, recipe=recipe)
     speed = {"device": "CPU", "dtype": "float32", "size": 224, "batch": 2, "memory": "cpu_peak_rss_growth"}
-    speed["models"] = {"student": {"params": 5_000_000, "gflops": 1.25, "img_per_s": 100.0, "peak_mem_mb": 12.0}}
+    speed["latency"] = "batch 1, median of 30 forwards after 3 warm-ups"
+    speed["models"] = {
+        "student": {"params": 5_000_000, "gflops": 1.25, "latency_ms": 2.5, "img_per_s": 100.0, "peak_mem_mb": 12.0}
+    }
     card = model_card(generic, tiny_run, evaluation={"student": {"knn_acc": 0.8125, "f1": 0.5}}, speed=speed)
     assert _front_matter(card)["license"] == "other"
-    assert "not in the catalog — check its licence" in card
+    assert "| uni | `local-dir:<local>/uni` | unknown — yours to state (below) | — | unknown |" in card
+    assert "- `uni`: not a catalog teacher: multiteach knows nothing about its weights or licence." in card
     assert "Non-commercial" not in card
     assert "**fitted**" in card and "`dino`" in card
     assert "| model | knn_acc | f1 |" in card and "| student | 0.8125 | 0.5 |" in card
-    assert "| student | 5 | 1.25 | 100 | 12 |" in card
+    assert "| model | params (M) | GFLOPs/img | batch-1 ms/tile | img/s | peak memory (MB) |" in card
+    assert "| student | 5 | 1.25 | 2.5 | 100 | 12 |" in card and "(latency: batch 1, median of 30 forwards" in card
 
     front, lines = card_license(teacher_rows(load_recipe(tiny_run / "recipe.yaml", ["teachers.uni.source=uni"])))
     assert front == {"license": "cc-by-nc-nd-4.0"}
+
+
+def test_a_teacher_folder_holding_another_model_is_described_as_what_it_is(tiny_run, tiny_export):
+    """The engine fixture's `uni` folder is a 2-block, 64-wide ViT: never credited as UNI or under UNI's licence."""
+    card = (tiny_export / "README.md").read_text()
+    digest = hashlib.sha256((tiny_run.parent / "uni" / "model.safetensors").read_bytes()).hexdigest()
+    assert "| uni | other weights (below) | unknown — yours to state (below) | — | unknown |" in card
+    line = next(x for x in card.splitlines() if x.startswith("- `uni`: not the catalog's `uni`"))
+    assert "the weights doctor found another model" in line and "(width 64, 2 blocks, patch 16)" in line
+    assert f"weights file `model.safetensors`, sha256 `{digest}`" in line
+    assert "yours to state (`multiteach export --licence-note uni=TEXT`)" in line
+    for claim in ("MahmoodLab", "CC-BY-NC-ND", "Non-commercial", "Gated teacher", "cc-by-nc-nd"):
+        assert claim not in card, claim
+    record = json.loads((tiny_run / "teachers.json").read_text())["uni"]  # written at training time
+    assert record["catalog_model"] is False and record["sha256"] == digest
+
+
+def test_card_of_an_init_from_student_links_the_shipped_teacher_card(tiny_run):
+    """The same run as if its student had started from `multiteach-tiny`'s blocks and distilled from it too."""
+    tiny = [
+        "teachers.multiteach-tiny={input_size: 64}",
+        "losses.tiny.cls={type: cosine, teacher: multiteach-tiny}",
+        "student.init_from=multiteach-tiny",
+    ]
+    run = load_run_student(tiny_run)
+    recipe = load_recipe(tiny_run / "recipe.yaml", tiny)
+    card = model_card(dataclasses.replace(run, recipe=recipe), tiny_run)
+    assert (
+        "initialised from teacher `multiteach-tiny` (`student.init_from`): its patch embedding, class/register "
+        "tokens, positional embedding, final norm and blocks [0, 11] of its 12, one per student block" in card
+    )
+    assert "random init" not in card
+    # the shipped teacher's card travels with the export, and the link to it is relative (it works on the Hub)
+    assert "| multiteach-tiny | [multiteach-tiny](teacher-card-multiteach-tiny.md) | Apache-2.0 | no | no |" in card
+    assert "multiteach/assets" not in card
+    files = teacher_card_files(teacher_rows(recipe))
+    shipped = Path(multiteach.__file__).parent / "assets" / "teachers" / "multiteach-tiny" / "README.md"
+    assert files == {"teacher-card-multiteach-tiny.md": shipped}
+
+
+def test_licence_note_states_the_licence_of_a_teacher_multiteach_does_not_know(tiny_run, tmp_path):
+    out = tmp_path / "export"
+    note = ["--licence-note", "uni=CC-BY-4.0 (our own fine-tune, https://example.org/terms)"]
+    assert main(["export", str(tiny_run), "--out", str(out), *note]) == 0
+    card = (out / "README.md").read_text()
+    assert "Licence, as stated by the exporter: CC-BY-4.0 (our own fine-tune, https://example.org/terms)" in card
+    assert "| uni | other weights (below) | stated below | — | unknown |" in card
+    front = _front_matter(card)
+    assert (front["license"], front["license_name"]) == ("other", "stated-in-model-card")
 
 
 # ------------------------------------------------------------------------------------------------ local paths
@@ -298,7 +361,7 @@ def test_local_dir_teachers_and_path_names_are_redacted(tiny_run, tmp_path_facto
     for root in _temp_roots(tmp_path_factory):
         assert root in recipe.to_yaml()
         assert root not in card and root not in json.dumps(config) and root not in text
-    assert "| uni | `local-dir:<local>/uni` | not in the catalog" in card
+    assert "| uni | `local-dir:<local>/uni` | unknown — yours to state (below) |" in card
     assert "| `<local>/run` | 0.5 |" in card
     assert config["multiteach"]["teachers"] == {"uni": "local-dir:<local>/uni"}
     assert yaml.safe_load(text)["teachers"]["uni"]["source"] == "local-dir:<local>/uni"
@@ -328,12 +391,18 @@ def test_redact_local_path(value, redacted):
 def test_speed_card_student_and_teacher_architectures(tiny_run):
     student = load_run_student(tiny_run).student
     teacher = ("vit_small_patch14_reg4_dinov2", {"depth": 1, "mlp_layer": "swiglu_packed", "act_layer": "silu"})
-    card = speed_card(student, {"teacher": teacher}, device="cpu", size=112, batch=2, dtype=torch.float32, repeats=2)
+    kwargs = {"device": "cpu", "size": 112, "batch": 2, "dtype": torch.float32, "repeats": 2, "latency_repeats": 3}
+    card = speed_card(student, {"teacher": teacher}, **kwargs)
     assert card["memory"] == "cpu_peak_rss_growth" and card["size"] == 112
+    assert card["threads"] == torch.get_num_threads() and "median of 3" in card["latency"]
     s, t = card["models"]["student"], card["models"]["teacher"]
     assert s["params"] == sum(p.numel() for p in student.model.parameters())
     assert 0 < s["gflops"] < t["gflops"]
     assert s["img_per_s"] > 0 and s["peak_mem_mb"] >= 0
+    assert s["latency_ms"] > 0 and t["latency_ms"] > 0  # batch-1 ms per tile, for the student and each teacher
+    lines = speed_lines(card)
+    assert lines[0].startswith("student: ") and " ms/tile at batch 1, " in lines[0] and "img/s at batch 2" in lines[0]
+    assert lines[1].startswith("teacher: ") and lines[-1].startswith("measured on CPU (")
 
 
 # ------------------------------------------------------------------------------------------------ hub

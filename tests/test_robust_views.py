@@ -238,3 +238,73 @@ def test_init_from_teacher_prunes_a_narrower_mlp_to_its_most_important_units():
     wider = build_student("vit_tiny_patch16_224", img_size=32, depth=2, mlp_ratio=5)
     with pytest.raises(MultiteachError, match=r"an MLP hidden width no larger than the teacher's"):
         init_from_teacher(wider, teacher)
+
+
+def _identity_heads(teacher, target, x):
+    return x
+
+
+def test_feature_term_student_view_distils_into_the_clean_the_perturbed_or_both_views():
+    from multiteach.losses.terms import MixedTerm
+
+    torch.manual_seed(0)
+    teacher = TeacherOutput(summary=torch.randn(4, 8), patch_tokens=torch.randn(4, 9, 8), grid=(3, 3))
+    perturbed = TeacherOutput(summary=torch.randn(4, 8), patch_tokens=torch.randn(4, 9, 8), grid=(3, 3))
+    clean = TeacherOutput(summary=teacher.summary.clone(), patch_tokens=teacher.patch_tokens.clone(), grid=(3, 3))
+    ctx = LossContext(student_global=perturbed, teachers={"t": teacher}, student_clean=clean, heads=_identity_heads)
+    for on in ("summary", "patch"):
+        value = {v: float(MixedTerm("x", 1.0, "t", on=on, student_view=v)(ctx)) for v in ("perturbed", "clean", "both")}
+        assert value["clean"] == pytest.approx(0.0, abs=1e-6) and value["perturbed"] > 0.5
+        assert value["both"] == pytest.approx((value["perturbed"] + value["clean"]) / 2)
+    assert MixedTerm("x", 1.0, "t", student_view="both").clean_student_grad
+    assert not MixedTerm("x", 1.0, "t").needs_clean_student
+    with pytest.raises(MultiteachError, match=r"losses.x.student_view: 'both' needs data.robust_views"):
+        MixedTerm("x", 1.0, "t", student_view="both")(LossContext(student_global=perturbed, teachers={"t": teacher}))
+    with pytest.raises(MultiteachError, match=r"losses.x.student_view: 'clen' is not allowed.*Allowed: perturbed"):
+        MixedTerm("x", 1.0, "t", student_view="clen")
+
+
+def test_student_view_both_trains_through_the_clean_pass(recipe_path):
+    overrides = ["data.robust_views={}", "losses.uni.cls.student_view=both", "losses.dino.weight=0"]
+    recipe = load_recipe(recipe_path, [*overrides, "losses.ibot.weight=0"])
+    comps = build_components(recipe)
+    model = comps.model.train()
+    clean, perturbed = torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64)
+    seen = []
+    original = model.embed
+    model.embed = lambda x, masks=None: (seen.append((x, torch.is_grad_enabled())), original(x, masks))[1]
+    with torch.no_grad():
+        teachers = {n: t(clean).as_target() for n, t in comps.teachers.items()}
+    loss, _ = model({"global": clean, "student_global": perturbed, "local": None, "masks": None}, teachers, 2, 0.04)
+    assert len(seen) == 2 and seen[0][0] is perturbed and seen[1][0] is clean
+    assert seen[1][1], "the clean pass must keep gradients when a distillation term reads it"
+    loss.backward()
+    assert model.student.model.patch_embed.proj.weight.grad is not None
+    with pytest.raises(MultiteachError, match=r"losses.uni.cls.student_view: 'both' .* needs data.robust_views"):
+        load_recipe(recipe_path, ["losses.uni.cls.student_view=both"])
+
+
+def test_robust_views_p_per_perturbation():
+    views = RobustViews({"hed": (0.05, 0.2), "blur": (0.2, 1.2), "jpeg": (40, 95)}, p={"hed": 1.0, "blur": 0.0})
+    assert views.p == {"hed": 1.0, "blur": 0.0, "jpeg": 0.5}
+    g = torch.Generator().manual_seed(0)
+    drawn = [views.sample(g) for _ in range(100)]
+    assert all(d.hed is not None and d.blur is None for d in drawn)
+    assert 20 < sum(d.jpeg is not None for d in drawn) < 80
+    with pytest.raises(MultiteachError, match=r"data.robust_views.p.gamma: .*not configured"):
+        RobustViews({"hed": (0.05, 0.2)}, p={"gamma": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.robust_views={hed: [0.05, 0.2], p: {blur: 0.2}}", r"data.robust_views.p.blur: .*not configured"),
+        ("data.robust_views={hed: [0.05, 0.2], p: {hed: 2}}", r"data.robust_views.p.hed: must be in \[0, 1\]"),
+    ],
+)
+def test_bad_per_perturbation_p_fails_at_config_time(recipe_path, override, message):
+    with pytest.raises(MultiteachError, match=message):
+        load_recipe(recipe_path, [override])
+    assert load_recipe(recipe_path, ["data.robust_views={hed: [0.05, 0.2], p: {hed: 0.25}}"]).data.robust_views[
+        "p"
+    ] == {"hed": 0.25}

@@ -141,7 +141,7 @@ def test_static_size_when_not_dynamic() -> None:
     ("kwargs", "match"),
     [
         ({"arch": "vit_tiny_patch16_22"}, "Did you mean: vit_tiny_patch16_224"),
-        ({"arch": "resnet18"}, "not a timm VisionTransformer"),
+        ({"arch": "levit_128"}, "LevitDistilled returns .* not a spatial feature map"),
         ({"arch": "vit_tiny_patch16_224", "mlp_layer": "swiglupacked"}, "Did you mean: swiglu_packed"),
         ({"arch": "vit_tiny_patch16_224", "act_layer": "silo"}, "act_layer: unknown layer 'silo'.*silu"),
         ({"arch": "vit_tiny_patch16_224", "mlp_ratoi": 2.0}, "Did you mean: mlp_ratio"),

@@ -9,7 +9,7 @@ import pytest
 from multiteach.checkpoint import latest_checkpoint
 from multiteach.cli import main
 from multiteach.errors import MultiteachError
-from multiteach.sweep import _plot_curves, parse_grid, run_sweep, split_values
+from multiteach.sweep import _plot_curves, _row, parse_grid, run_sweep, split_values
 
 from .engine_fixtures import cli, interrupt, recipe_yaml
 
@@ -21,18 +21,46 @@ def test_split_values_respects_brackets():
 
 
 def test_sweep_over_three_values(tmp_path, capsys):
-    recipe = recipe_yaml(tmp_path, steps=2, checkpoint_every=2)
-    assert (
-        main(["sweep", str(recipe), "--grid", "losses.uni.patch.weight=0,0.25,0.5", "--out", str(tmp_path / "sw")]) == 0
-    )
+    recipe = recipe_yaml(tmp_path, steps=3, checkpoint_every=2)
+    grid = ["--grid", "losses.uni.patch.weight=0,0.25,0.5"]
+    # overrides after --grid count as those before it do (they used to be "unrecognized arguments")
+    assert main(["sweep", str(recipe), *grid, "schedule.steps=2", "--out", str(tmp_path / "sw")]) == 0
     root = tmp_path / "sw"
     runs = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert runs == ["uni.patch.weight=0", "uni.patch.weight=0.25", "uni.patch.weight=0.5"]
     rows = list(csv.DictReader((root / "summary.csv").open()))
     assert len(rows) == 3 and [r["losses.uni.patch.weight"] for r in rows] == ["0", "0.25", "0.5"]
+    assert [r["steps"] for r in rows] == ["2/2"] * 3 and "teacher_temp" in rows[0]  # the recipe has DINO
     assert rows[0]["uni.patch"] == "" and rows[1]["uni.patch"] != ""  # weight 0: the term was not built
     assert (root / "summary.md").read_text().count("\n") == 5 and (root / "loss_curves.png").stat().st_size > 0
     assert "uni.patch.weight=0.5" in capsys.readouterr().out
+
+
+def test_overrides_go_anywhere_on_the_command_line_and_typos_are_refused(capsys):
+    from multiteach.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["sweep", "r.yaml", "a=0", "--grid", "b=1,2", "c=3", "--out", "o", "d=4"])
+    assert args.overrides == ["a=0", "c=3", "d=4"] and args.grid == ["b=1,2"] and args.out == "o"
+    assert parse_args(build_parser(), ["train", "r.yaml", "--resume", "a=1"]).overrides == ["a=1"]
+    for argv in (["sweep", "r.yaml", "--grid", "b=1,2", "--gird", "c=1,2"], ["export", "run", "--out", "o", "a=1"]):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_summary_has_no_teacher_temp_column_without_dino_or_ibot(tmp_path):
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0, "uni.cls": 1.0, "lr": 0.1, "teacher_temp": 0.04}\n')
+
+    def recipe(kind):
+        losses = {"uni.cls": {"type": "cosine", "teacher": "uni"}, "x": {"type": kind}}
+        return SimpleNamespace(schedule=SimpleNamespace(steps=2), active_losses=lambda: losses)
+
+    assert "teacher_temp" not in _row(run, "r", {}, recipe("koleo"))
+    assert _row(run, "r", {}, recipe("dino"))["teacher_temp"] == 0.04
 
 
 def test_grid_key_that_does_not_exist(tmp_path):

@@ -6,6 +6,8 @@ space): the doctor reads headers only, so it checks the true catalog architectur
 """
 
 import json
+import logging
+import shutil
 import struct
 from types import SimpleNamespace
 
@@ -221,6 +223,34 @@ def test_transformers_checkpoint_under_4x_names_is_converted_like_transformers_d
 def _recipe(**teachers):
     defaults = {"weights": None, "pretrained": True, "model_kwargs": {}, "embedding": None, "trust_remote_code": False}
     return SimpleNamespace(teachers={n: SimpleNamespace(**{**defaults, **cfg}) for n, cfg in teachers.items()})
+
+
+def test_preflight_reports_a_multiteach_stand_in_as_expected_and_another_model_as_a_warning(tmp_path, caplog):
+    from multiteach.standins import write_standin_teachers
+    from multiteach.teachers.loaded import describe_teacher
+
+    standin = write_standin_teachers(tmp_path / "standins", ("h-optimus-0",))["h-optimus-0"]
+    other = tmp_path / "other"
+    shutil.copytree(standin, other)
+    config = json.loads((other / "config.json").read_text())
+    del config["multiteach_standin"]  # the same 2-block folder, as a user's own model
+    (other / "config.json").write_text(json.dumps(config))
+    recipe = _recipe(
+        a={"source": "h-optimus-0", "weights": str(standin)}, b={"source": "h-optimus-0", "weights": str(other)}
+    )
+    caplog.set_level(logging.INFO, logger="multiteach")
+    reports = preflight(recipe, ["a", "b"])
+    assert [r.recipe_name for r in reports] == ["a", "b"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(
+        "teacher 'b': config.json describes a ViT-?/14 (width 96, 2 blocks"
+    )
+    assert any("stand-in of h-optimus-0 written by multiteach (expected" in r.getMessage() for r in caplog.records)
+    a, b = (describe_teacher(r.recipe_name, recipe.teachers[r.recipe_name], r) for r in reports)
+    assert not a["catalog_model"] and a["standin"] == "h-optimus-0" and "tiny random stand-in" in a["why"]
+    assert not b["catalog_model"] and b["standin"] is None and "the folder holds another model" in b["why"]
+    assert b["file"] == "model.safetensors" and len(b["sha256"]) == 64
+    assert b["architecture"].startswith("vit_giant_patch14_reg4_dinov2 (ViT-?/14 (width 96, 2 blocks, patch 14))")
 
 
 def test_preflight_stops_before_training_with_every_bad_teacher(tmp_path):

@@ -1,9 +1,12 @@
 """Every loader family runs its real loading code offline on tiny weights of the same family."""
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from multiteach.cli import main
 from multiteach.errors import MultiteachError
 from multiteach.standins import (
     TINY_CONCH,
@@ -18,6 +21,7 @@ from multiteach.teachers import build_teacher
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 from multiteach.teachers.catalog_refs import HIBOU_MEAN, HIBOU_STD, HOPTIMUS_MEAN, HOPTIMUS_STD
 
+from .engine_fixtures import recipe_yaml
 from .teacher_helpers import images, normalise, write_mahmood_repo
 
 
@@ -148,6 +152,56 @@ def test_gated_uncached_repo_offline_is_explained():
         build_teacher("virchow")
     msg = str(err.value)
     assert "paige-ai/Virchow" in msg and "gated" in msg and "hf auth login" in msg and "weights:" in msg
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """A Hub endpoint nothing listens on, HF_HUB_OFFLINE unset, an empty cache, and no reachability decided yet."""
+    from huggingface_hub import constants
+
+    from multiteach.teachers import weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test (the check sets it to 1)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(weights, "_hub_offline_reason", None)
+    return constants
+
+
+def test_an_unreachable_hub_fails_the_first_catalog_teacher_at_once_and_once(unreachable_hub, monkeypatch):
+    from multiteach.teachers import weights
+
+    start = time.perf_counter()
+    with pytest.raises(MultiteachError) as err:
+        build_teacher("uni")  # MahmoodLab/UNI, gated, not cached
+    assert time.perf_counter() - start < 5  # one 2 s connection check, no retries (they took ~22 s)
+    assert "no connection to http://127.0.0.1:9 within 2 s" in str(err.value) and "gated" in str(err.value)
+    assert unreachable_hub.HF_HUB_OFFLINE is True  # the rest of the process runs offline
+    checks = []
+    monkeypatch.setattr(weights, "hub_answers", lambda *a, **k: checks.append(a) or True)
+    with pytest.raises(MultiteachError, match="no connection to http://127.0.0.1:9"):
+        build_teacher("virchow")
+    assert checks == []  # decided once per process
+
+
+def test_hf_hub_offline_is_used_as_set_and_the_hub_never_probed(unreachable_hub, monkeypatch):
+    from multiteach.teachers import weights
+
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(weights, "hub_answers", lambda *a, **k: pytest.fail("probed the Hub under HF_HUB_OFFLINE"))
+    with pytest.raises(MultiteachError, match=r"cannot be reached \(HF_HUB_OFFLINE is set\)"):
+        build_teacher("uni")
+
+
+def test_cli_with_an_unreachable_hub_prints_one_message_and_no_retries(unreachable_hub, tmp_path, capfd):
+    recipe = recipe_yaml(tmp_path, steps=2, checkpoint_every=2)
+    start = time.perf_counter()
+    assert main(["train", str(recipe), "teachers.uni.weights=null"]) == 2  # the weights doctor's preflight
+    assert time.perf_counter() - start < 10  # data set-up and the preflight included; the Hub part is the check
+    err = capfd.readouterr().err
+    assert err.count("is not in the local Hugging Face cache") == 1, err
+    assert "no connection to http://127.0.0.1:9 within 2 s" in err and "Retrying" not in err
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """The training engine: multi-process equivalence, runs that survive kills, and bad input stopped early."""
 
 import json
+import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +87,13 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert max_diff(final_weights(tmp_path / "ref", 20), final_weights(run, 20)) == 0.0
+    # the summary covers the whole run: metrics.jsonl holds each logged step once, the first values are step 2's
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 21, 2))
+    summary = json.loads((run / "summary.json").read_text())
+    ref_first = json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["resumed_at"] == [int(killed_at.name.removeprefix("step_"))]
+    assert summary["terms"]["loss"]["first"] == ref_first["loss"] and summary["steps_done"] == 20
 
 
 SIGNAL_STEPS = 16  # checkpoint_every too: the only checkpoint before the end is the stop checkpoint
@@ -252,6 +261,33 @@ def test_some_corrupt_images_train_and_are_reported(tmp_path):
     run = train(load_recipe(recipe_yaml(tmp_path, steps=2, checkpoint_every=2)))
     report = json.loads((run / "data.json").read_text())
     assert report["tiles"] == 24 and [p.endswith("broken.png") for p in report["skipped"]] == [True]
+
+
+def test_a_resumed_run_is_summarised_from_its_step_1_and_a_finished_one_says_so(tmp_path, caplog):
+    recipe = load_recipe(recipe_yaml(tmp_path, steps=4, checkpoint_every=3))  # a metrics line every 2 steps
+    run = train(recipe)
+    whole = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    saved = json.loads((run / "checkpoints" / "step_00000003" / "state.json").read_text())["run_summary"]
+    assert saved["wall_s"] > 0 and saved["resumed_at"] == []
+    # as after a kill -9 between the step-4 metrics line and its checkpoint: the resumed run redoes step 4
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "summary.json").unlink()
+    caplog.set_level(logging.INFO, logger="multiteach")
+    train(recipe)
+    summary = json.loads((run / "summary.json").read_text())
+    again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [2, 4]  # each step once: the line past the checkpoint was dropped
+    assert summary["terms"]["loss"]["first"] == whole[0]["loss"]  # the run's first logged value, not the resume's
+    assert summary["terms"]["uni.cls"]["first"] == whole[0]["uni.cls"]
+    assert summary["terms"]["loss"]["last"] == pytest.approx(whole[-1]["loss"], rel=1e-5)
+    assert summary["steps_done"] == 4 and summary["resumed_at"] == [3] and summary["steps_this_process"] == 1
+    assert summary["wall_s"] >= round(saved["wall_s"], 1)  # the time before the resume is counted
+    assert "run finished: 4 of 4 steps in " in caplog.text and "resumed at step 3; " in caplog.text
+    caplog.clear()
+    train(recipe)  # finished: nothing trains, the stored summary is printed again
+    assert "already finished (4 of 4 steps" in caplog.text and "resumed at step 3; " in caplog.text
+    assert (run / "metrics.jsonl").read_text().count("\n") == 2
+    assert json.loads((run / "summary.json").read_text()) == summary
 
 
 def test_changed_recipe_in_same_run_dir_is_refused(tmp_path):

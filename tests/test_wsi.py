@@ -366,6 +366,42 @@ def test_cli_tile(cmu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_tile_reads_per_slide_mpp_from_a_csv_and_exits_1_when_some_slides_are_skipped(
+    cmu: Path, tcga: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TCGA's file records no µm/px: the CSV's mpp column gives it (paths relative to the CSV, as data.slides)."""
+    (tmp_path / "slides").mkdir()
+    for slide in (cmu, tcga):
+        (tmp_path / "slides" / slide.name).symlink_to(slide)
+    listing = tmp_path / "lists" / "slides.csv"
+    listing.parent.mkdir()
+    listing.write_text(f"path,mpp,weight\n../slides/{CMU},,1\n../slides/{TCGA},{TCGA_MPP},2\n../slides/gone.svs,,1\n")
+    out = tmp_path / "tiles"
+    assert main(["tile", str(listing), "--out", str(out), "--mpp-target", "1.0"]) == 1  # gone.svs: skipped
+    captured = capsys.readouterr()
+    assert "CMU-1-Small-Region.svs: 9 tiles" in captured.out
+    assert f"TCGA-CR-7395-01A-01-TS1.svs: {EXPECTED[(TCGA, 1.0)][0]} tiles (level 1" in captured.out
+    assert "1 slide(s) skipped" in captured.err and "gone.svs" in captured.err
+    rows = list(csv.DictReader((out / TCGA[:-4] / "coordinates.csv").open(newline="")))
+    assert float(rows[0]["level_mpp"]) == pytest.approx(2 * TCGA_MPP, rel=0.01)
+    listing.write_text(f"path,mpp\n../slides/{TCGA},0\n")
+    assert main(["tile", str(listing), "--out", str(out)]) == 2
+    assert "line 2 (../slides/TCGA-CR-7395-01A-01-TS1.svs): mpp '0' is not allowed" in capsys.readouterr().err
+
+
+def test_slides_hint_names_data_slides_and_multiteach_tile(tmp_path: Path) -> None:
+    from multiteach.data.wsi import slides_hint
+
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "a.png").write_bytes(b"")
+    assert slides_hint(tmp_path / "tiles") == ""
+    (tmp_path / "wsi" / "case1").mkdir(parents=True)
+    (tmp_path / "wsi" / "case1" / "s1.SVS").write_bytes(b"")
+    hint = slides_hint(tmp_path / "wsi")
+    assert "whole-slide images (e.g. s1.SVS)" in hint and f"data.slides.source={tmp_path / 'wsi'}" in hint
+    assert f"`multiteach tile {tmp_path / 'wsi'}/*.SVS --out TILES`" in hint
+
+
 # --------------------------------------------------------------------------------------------------
 # TileGrid CSV and errors
 # --------------------------------------------------------------------------------------------------

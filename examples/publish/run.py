@@ -19,23 +19,13 @@ def main(out: Path) -> None:
     sets = [f"data.train={tiles(out)}", f"output_dir={out / 'run'}", *QUICK]
     sets += [f"teachers.{n}.weights={p}" for n, p in weights.items()]
     subprocess.run([*cli, "train", "demo", *sets], check=True)
-    # 1. export: model.safetensors + timm config.json + heads.safetensors + recipe.yaml + README.md (model card)
-    subprocess.run([*cli, "export", str(out / "run"), "--out", str(out / "student"), "--overwrite"], check=True)
+    # 1. export: model.safetensors + timm config.json + heads.safetensors + recipe.yaml + README.md (model card);
+    #    the card describes the H-optimus-0 stand-in as the random weights it is: state its licence (none to inherit)
+    note = "h-optimus-0=none to inherit: random weights written by this example (multiteach.standins)"
+    export = [*cli, "export", str(out / "run"), "--out", str(out / "student"), "--overwrite", "--licence-note", note]
+    subprocess.run(export, check=True)
     # 2. push: a dry run lists the files; drop --dry-run (and log in) to upload, private unless --public
-    subprocess.run(
-        [
-            *cli,
-            "export",
-            str(out / "run"),
-            "--out",
-            str(out / "student"),
-            "--overwrite",
-            "--push",
-            "my-org/my-student",
-            "--dry-run",
-        ],
-        check=True,
-    )
+    subprocess.run([*export, "--push", "my-org/my-student", "--dry-run"], check=True)
     # 3. evaluate against the teachers on the same tiles (robustness + fidelity; add --data for kNN/probe)
     # 4. load it back with plain timm, as any user would
     import timm

@@ -46,12 +46,32 @@ def _probabilities(obj: Any, at: str, *names: str) -> None:
 
 
 def robust_views_settings(raw: Mapping[str, Any], at: str) -> dict[str, Any]:
-    """Check ``data.robust_views`` and fill its defaults: ``{"p": float, name: [low, high], ...}``."""
+    """Check ``data.robust_views`` and fill its defaults: ``{"p": float | {name: float}, name: [low, high], ...}``.
+
+    ``p`` is one probability for every configured perturbation, or a mapping giving some of them their own (the
+    others keep 0.5), e.g. ``{hed: 0.8, blur: 0.2}``: a small blur share beside a strong stain one.
+    """
     raw = dict(raw)
     p = raw.pop("p", 0.5)
-    _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1, f"{at}.p", p, "must be in [0, 1]")
     ranges = check_ranges(raw, at) if raw else dict(DEFAULT_RANGES)
-    return {"p": float(p), **{name: list(pair) for name, pair in ranges.items()}}
+    if isinstance(p, Mapping):
+        for name, value in p.items():
+            _require(
+                name in ranges,
+                f"{at}.p.{name}",
+                name,
+                f"names a perturbation that is not configured (configured: {', '.join(ranges)})",
+            )
+            _require(_is_probability(value), f"{at}.p.{name}", value, "must be in [0, 1]")
+        p = {name: float(value) for name, value in p.items()}
+    else:
+        _require(_is_probability(p), f"{at}.p", p, "must be in [0, 1] (or a mapping perturbation -> probability)")
+        p = float(p)
+    return {"p": p, **{name: list(pair) for name, pair in ranges.items()}}
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _not_configured(teacher: Any, teachers: Collection[str]) -> str:
@@ -80,4 +100,10 @@ def _check_term(term: str, cfg: Mapping[str, Any], teachers: Collection[str], ro
         raise MultiteachError(
             f"losses.{term}: type {cfg['type']!r} compares perturbed and clean student views and needs "
             "data.robust_views (e.g. data.robust_views={} for the default ranges)"
+        )
+    view = cfg.get("student_view", "perturbed")
+    if view != "perturbed" and not robust_views:
+        raise MultiteachError(
+            f"losses.{term}.student_view: {view!r} reads the student's clean and perturbed views and needs "
+            "data.robust_views; without it the student has one view (student_view: perturbed, the default)"
         )

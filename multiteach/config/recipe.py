@@ -23,6 +23,7 @@ from multiteach.config.schema import (
 from multiteach.config.yamlio import _Dumper
 from multiteach.errors import MultiteachError
 from multiteach.losses import check_term
+from multiteach.students import check_student_recipe
 
 
 @dataclass(kw_only=True)
@@ -97,6 +98,7 @@ class Recipe:
                 raise MultiteachError(f"heads.{teacher}: {_not_configured(teacher, self.teachers)}")
         for term, cfg in self.losses.items():
             _check_term(term, cfg, self.teachers, robust_views=self.data.robust_views is not None)
+        check_student_recipe(self)  # a non-ViT student: iBOT, masking, init_from, kwargs and sizes it cannot take
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (mappings, lists, scalars), every default filled in."""

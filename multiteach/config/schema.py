@@ -187,7 +187,8 @@ class DataConfig:
         slide_dir: Folder of the slides that TRIDENT/CLAM coordinate files in ``train`` name (matched by name).
         robust_views: Stain/scanner-robust distillation, or null: the student's global views are perturbed
             copies of the clean views its teachers see (same crop, pixel-aligned). ``p`` (probability each
-            configured perturbation applies to a view, default 0.5) and perturbation name -> ``[low, high]``
+            configured perturbation applies to a view, default 0.5; or a mapping name -> probability, e.g.
+            ``{hed: 0.8, blur: 0.2}``, unnamed kinds 0.5) and perturbation name -> ``[low, high]``
             (``hed``, ``gamma``, ``gain``, ``blur``, ``jpeg``; see :mod:`multiteach.data.perturb`); ``{}``
             uses the default ranges.
     """
@@ -218,24 +219,26 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class StudentConfig:
-    """The timm ViT student.
+    """The timm student: a ViT, or any family with a spatial feature map (ConvNeXt, EfficientNet, ResNet, ...).
 
     Attributes:
-        arch: timm model name (``vit_small_patch16_224``, ...).
-        img_size: Size its positional embedding is built for.
-        drop_path_rate: Stochastic depth of the last block.
+        arch: timm model name (``vit_small_patch16_224``, ``convnext_atto``, ...).
+        img_size: Size a ViT's positional embedding is built for (a feature-map student's layout is read at it,
+            and families that take ``img_size``, Swin or MaxViT, are built for it).
+        drop_path_rate: Stochastic depth of the last block (families without it refuse a non-zero rate).
         pretrained: Start from timm's pretrained weights.
-        kwargs: Further timm kwargs (``mlp_layer: swiglu_packed``, ``reg_tokens: 4``, ...).
+        kwargs: Further timm kwargs of the family (``mlp_layer: swiglu_packed``, ``reg_tokens: 4`` for a ViT;
+            ``dims``/``depths`` for ConvNeXt, ...).
         mean: Input normalisation mean (RGB).
         std: Input normalisation std (RGB).
-        init_from: A teacher of this recipe (a timm ViT of the student's width and patch size) whose patch
+        init_from: A teacher of this recipe (a timm ViT of the ViT student's width and patch size) whose patch
             embedding, tokens, final norm and a spread of blocks initialise the student, as DistilBERT
             initialises its student from every other teacher layer.
         init_blocks: Which teacher blocks, one per student block (default: spread evenly, first and last
             included).
     """
 
-    arch: str = field(metadata=_hint("a timm ViT name, e.g. student.arch=vit_small_patch16_224"))
+    arch: str = field(metadata=_hint("a timm model name, e.g. student.arch=vit_small_patch16_224 or convnext_atto"))
     img_size: int = 224
     drop_path_rate: float = 0.0
     pretrained: bool = False
@@ -249,7 +252,8 @@ class StudentConfig:
         if ":" not in self.arch and not timm.is_model(self.arch):
             raise MultiteachError(
                 f"{at}.arch: unknown timm model {self.arch!r}.{did_you_mean(self.arch, timm.list_models())} "
-                "Use a timm ViT name (see timm.list_models('vit*')) or an hf-hub:/local-dir: source."
+                "Use a timm model name (a ViT, timm.list_models('vit*'), or a family with a feature map such as "
+                "convnext_atto) or an hf-hub:/local-dir: source."
             )
         _positive(self, at, "img_size")
         _require(0 <= self.drop_path_rate < 1, f"{at}.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")

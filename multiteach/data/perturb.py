@@ -230,14 +230,20 @@ class RobustViews:
 
     Args:
         ranges: Perturbation name -> (low, high) training range (see :data:`FAMILY`).
-        p: Probability that each configured perturbation is applied to a view.
+        p: Probability that each configured perturbation is applied to a view, or perturbation name -> its own
+            probability (configured kinds it leaves out use 0.5).
     """
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]], p: float = 0.5) -> None:
+    def __init__(self, ranges: Mapping[str, tuple[float, float]], p: float | Mapping[str, float] = 0.5) -> None:
         self.ranges = check_ranges(ranges, "data.robust_views")
-        if not 0.0 <= p <= 1.0:
-            raise MultiteachError(f"data.robust_views.p: must be in [0, 1], got {p!r}")
-        self.p = float(p)
+        probs = dict(p) if isinstance(p, Mapping) else dict.fromkeys(self.ranges, p)
+        for name, value in probs.items():
+            at = f"data.robust_views.p.{name}" if isinstance(p, Mapping) else "data.robust_views.p"
+            if name not in self.ranges:
+                raise MultiteachError(f"{at}: {name!r} is not configured (configured: {', '.join(self.ranges)})")
+            if not 0.0 <= value <= 1.0:
+                raise MultiteachError(f"{at}: must be in [0, 1], got {value!r}")
+        self.p = float(p) if not isinstance(p, Mapping) else {k: float(probs.get(k, 0.5)) for k in self.ranges}
 
     def sample(self, generator: torch.Generator | None = None) -> Perturbation:
         """Draw one view's perturbation. Each kind in :data:`ORDER` costs a fixed 6 draws, configured or not.
@@ -247,7 +253,7 @@ class RobustViews:
         drawn: dict[str, Any] = {}
         for name in ORDER:
             coin, u0, *u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
-            if name not in self.ranges or coin >= self.p:
+            if name not in self.ranges or coin >= (self.p[name] if isinstance(self.p, dict) else self.p):
                 continue
             lo, hi = self.ranges[name]
             if name == "hed":

@@ -38,6 +38,7 @@ from multiteach.data.tiles import IMAGE_ERRORS, load_rgb
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
 from multiteach.runs import load_run_student
+from multiteach.students import FeatureMapStudent
 from multiteach.teachers import (
     CATALOG,
     DTYPES,
@@ -224,6 +225,7 @@ def _load_run(spec: str, device: str | torch.device, input_size: int | None, dty
         hub_id=None,
         arch=student.arch,
         embed_dim=student.embed_dim,
+        summary_dim=student.summary_dim,
         patch_size=student.patch_size,
         num_prefix_tokens=student.num_prefix_tokens,
         input_size=int(s.img_size),
@@ -267,28 +269,34 @@ def _load_export(spec: str, device: str | torch.device, input_size: int | None, 
         raise MultiteachError(
             f"exported student {spec!r}: timm could not load it: {type(exc).__name__}: {exc}"
         ) from None
-    if not isinstance(model, VisionTransformer):
-        raise MultiteachError(f"exported student {spec!r}: {type(model).__name__} is not a timm VisionTransformer")
     model = model.to(device=device, dtype=dtype).eval()
     pcfg = dict(getattr(model, "pretrained_cfg", None) or config.get("pretrained_cfg") or {})
     size = pcfg.get("input_size") or (3, 224, 224)
     interpolation = pcfg.get("interpolation") if pcfg.get("interpolation") in ("bicubic", "bilinear") else "bicubic"
+    if isinstance(model, VisionTransformer):
+        backbone = TimmTokens(model, "pooled")
+        dims = (int(model.embed_dim), int(model.num_features), int(model.patch_embed.patch_size[0]))
+        prefix = int(model.num_prefix_tokens)
+    else:  # any other family: its pooled feature and its final feature map, as it was trained
+        student = FeatureMapStudent(model, str(config["architecture"]), {}, img_size=int(size[-1]))
+        backbone = _StudentBackbone(student)
+        dims, prefix = (student.embed_dim, student.summary_dim, student.patch_size), 0
     tspec = TeacherSpec(
         name=folder.name,
         loader="timm",
         hub_id=None,
         arch=str(config["architecture"]),
-        embed_dim=int(model.embed_dim),
-        summary_dim=int(model.num_features),
-        patch_size=int(model.patch_embed.patch_size[0]),
-        num_prefix_tokens=int(model.num_prefix_tokens),
+        embed_dim=dims[0],
+        summary_dim=dims[1],
+        patch_size=dims[2],
+        num_prefix_tokens=prefix,
         input_size=int(size[-1]),
         mean=tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN)),
         std=tuple(float(v) for v in pcfg.get("std", IMAGENET_STD)),
         embedding="pooled",
         interpolation=interpolation,
     )
-    teacher = Teacher(tspec, TimmTokens(model, "pooled"), input_size=input_size, dtype=dtype).to(device)
+    teacher = Teacher(tspec, backbone, input_size=input_size, dtype=dtype).to(device)
     return teacher, {"folder": str(folder), "architecture": tspec.arch}
 
 

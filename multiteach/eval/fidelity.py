@@ -89,7 +89,8 @@ def projection_loss(run: RunStudent, teachers: Mapping[str, Teacher]) -> Composi
             "so it trained no projection head to measure fidelity with"
         )
     specs = {name: teachers[name].spec for name in active_teachers(losses)}
-    loss = build_loss(losses, run.student.embed_dim, specs, dict(run.recipe.heads))
+    student = run.student
+    loss = build_loss(losses, student.summary_dim, specs, dict(run.recipe.heads), patch_dim=student.embed_dim)
     state = {k[len(LOSS_PREFIX) :]: v for k, v in run.state.items() if k.startswith(LOSS_PREFIX)}
     try:
         result = loss.load_state_dict(state, strict=False)

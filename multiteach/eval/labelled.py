@@ -192,7 +192,9 @@ def drop_images(data: LabelledSet, bad: Mapping[Path, str]) -> None:
         )
 
 
-def classification_metrics(data: LabelledSet, x: np.ndarray, k: int, n_splits: int, seed: int, probe_c: Any) -> dict:
+def classification_metrics(
+    data: LabelledSet, x: np.ndarray, k: int, n_splits: int, seed: int, probe_c: Any, linear: bool = True
+) -> dict:
     """kNN + linear probe on embeddings of a labelled set.
 
     Args:
@@ -202,18 +204,23 @@ def classification_metrics(data: LabelledSet, x: np.ndarray, k: int, n_splits: i
         n_splits: CV folds when the set has no split.
         seed: Fold and solver seed.
         probe_c: Logistic-regression C, or ``"auto"`` (inner CV).
+        linear: Also fit the linear probe (the slow part: an inner CV over C per fold); kNN only when False.
 
     Returns:
-        ``{"knn": {...}, "linear": {...}}`` with ``balanced_accuracy`` and ``macro_f1`` (CV: (mean, std)).
+        ``{"knn": {...}, "linear": {...}}`` with ``balanced_accuracy`` and ``macro_f1`` (CV: (mean, std));
+        no ``"linear"`` when ``linear`` is False.
     """
     if data.split:
         n = len(data.train_paths)
         tr, te = x[:n], x[n:]
-        knn = knn_eval(tr, data.train_labels, te, data.test_labels, k=k, metric="cosine")
-        lin = linear_probe(
-            tr, data.train_labels, te, data.test_labels, C=probe_c, train_groups=data.train_groups, seed=seed
-        )
-        return {"knn": knn, "linear": lin}
-    knn = knn_cv(x, data.train_labels, k=k, n_splits=n_splits, groups=data.train_groups, seed=seed, metric="cosine")
-    lin = linear_probe_cv(x, data.train_labels, n_splits=n_splits, groups=data.train_groups, C=probe_c, seed=seed)
-    return {"knn": knn, "linear": lin}
+        out = {"knn": knn_eval(tr, data.train_labels, te, data.test_labels, k=k, metric="cosine")}
+        if linear:
+            out["linear"] = linear_probe(
+                tr, data.train_labels, te, data.test_labels, C=probe_c, train_groups=data.train_groups, seed=seed
+            )
+        return out
+    groups = data.train_groups
+    out = {"knn": knn_cv(x, data.train_labels, k=k, n_splits=n_splits, groups=groups, seed=seed, metric="cosine")}
+    if linear:
+        out["linear"] = linear_probe_cv(x, data.train_labels, n_splits=n_splits, groups=groups, C=probe_c, seed=seed)
+    return out

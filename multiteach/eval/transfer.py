@@ -88,7 +88,7 @@ def embed_images(embedder: Any, images: torch.Tensor, batch_size: int = 64) -> n
 
 
 def classification_scores(
-    data: Any, x: np.ndarray, k: int = 10, seed: int = 0, cv_repeats: int = 1
+    data: Any, x: np.ndarray, k: int = 10, seed: int = 0, cv_repeats: int = 1, linear: bool = True
 ) -> dict[str, float]:
     """kNN and linear-probe balanced accuracy of embeddings ``x`` on a labelled set.
 
@@ -100,6 +100,7 @@ def classification_scores(
         cv_repeats: For a set without a split, repeat the 5-fold CV with this many fold seeds and average
             (repeated k-fold CV: on a 100-image set one fold assignment moves balanced accuracy by several
             points). A set with a fixed train/test split is scored once.
+        linear: Also fit the linear probe (most of the time on a CV set); ``{"knn": bacc}`` only when False.
 
     Returns:
         ``{"knn": bacc, "linear": bacc}`` (CV: mean over folds and repeats).
@@ -107,7 +108,8 @@ def classification_scores(
     seeds = [seed] if data.split else range(seed, seed + max(1, int(cv_repeats)))
     found: dict[str, list[float]] = {}
     for s in seeds:
-        for name, res in classification_metrics(data, x, k=k, n_splits=5, seed=s, probe_c="auto").items():
+        metrics = classification_metrics(data, x, k=k, n_splits=5, seed=s, probe_c="auto", linear=linear)
+        for name, res in metrics.items():
             value = res["balanced_accuracy"]
             found.setdefault(name, []).append(float(value[0] if isinstance(value, tuple) else value))
     return {name: float(np.mean(values)) for name, values in found.items()}

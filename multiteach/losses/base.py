@@ -44,8 +44,9 @@ class LossContext:
         masks: Bool (n_global * B, N) iBOT masks applied to the student's global crops, or None.
         teacher_temp: Teacher softmax temperature of this step (DINO/iBOT).
         heads: Per-teacher projection heads (set by :class:`CompositeLoss`).
-        student_clean: The student (no grad) on the clean global crops when it reads perturbed copies
-            (``data.robust_views``) and a term asks for it (``needs_clean_student``), else None.
+        student_clean: The student on the clean global crops when it reads perturbed copies
+            (``data.robust_views``) and a term asks for it (``needs_clean_student``), else None; without
+            gradients unless a term trains through it (``clean_student_grad``).
     """
 
     student_global: TeacherOutput
@@ -65,12 +66,15 @@ class BuildInfo:
     """What a term needs to know to validate itself and size its modules.
 
     Attributes:
-        student_dim: Student token width.
+        student_dim: Student summary width (what DINO heads read).
         teachers: Configured teachers' specs, by name.
+        student_patch_dim: Student patch-token width, when it differs from ``student_dim`` (a feature-map
+            student whose head widens its pooled feature); None means the same.
     """
 
     student_dim: int
     teachers: Mapping[str, TeacherSpec]
+    student_patch_dim: int | None = None
 
 
 class LossTerm(nn.Module):
@@ -88,6 +92,8 @@ class LossTerm(nn.Module):
     teacher: str | None = None
     #: Set by terms that compare the student's perturbed view with its own clean view (robust views).
     needs_clean_student: bool = False
+    #: Set by terms that train through the clean view (its pass then keeps gradients; else it runs without).
+    clean_student_grad: bool = False
 
     def __init__(self, name: str, weight: float) -> None:
         super().__init__()
@@ -207,22 +213,25 @@ def build_loss(
     student_dim: int,
     teachers: Mapping[str, TeacherSpec],
     heads: Mapping[str, Mapping[str, Any]] | None = None,
+    patch_dim: int | None = None,
 ) -> CompositeLoss:
     """Build the active terms of a recipe's ``losses:`` mapping and the heads they need.
 
     Args:
         losses: Term name -> ``{type, weight, ...}`` (or None / weight 0 to switch it off); every entry's
             type, keys and weight are checked by :func:`check_term`, switched-off ones included.
-        student_dim: Student token width.
+        student_dim: Student token width (its summary width when ``patch_dim`` differs).
         teachers: Configured teacher specs by name (resolved, e.g. from the catalog).
         heads: Per-teacher head configs ``{kind, shared, bottleneck?, hidden?}``; configs of teachers
             that no active term uses are ignored.
+        patch_dim: Student patch-token width when it differs from ``student_dim`` (``student.embed_dim`` vs
+            ``student.summary_dim`` of a feature-map student); None means the same.
 
     Raises:
         MultiteachError: naming the term for an unknown type, unknown key, unknown teacher,
             ``on: patch`` for a teacher without patch tokens, a negative weight, or heads that do not fit.
     """
-    info = BuildInfo(student_dim, teachers)
+    info = BuildInfo(student_dim, teachers, patch_dim)
     terms: list[LossTerm] = []
     for name, cfg in losses.items():
         if cfg is None:
@@ -239,7 +248,8 @@ def build_loss(
             targets.setdefault(teacher, {}).update(dims)
     head_cfgs = {k: v for k, v in (heads or {}).items() if k in targets}
     try:
-        projection = ProjectionHeads(student_dim, targets, head_cfgs) if targets else None
+        in_dims = {"summary": student_dim, "patch": student_dim if patch_dim is None else patch_dim}
+        projection = ProjectionHeads(in_dims, targets, head_cfgs) if targets else None
     except MultiteachError as exc:
         raise MultiteachError(f"heads: {exc}") from None
     return CompositeLoss(terms, projection)

@@ -24,11 +24,13 @@ from multiteach.losses.feature import DISTANCES, resample_grid
 from multiteach.losses.ibot import IBOTPatchLoss
 from multiteach.losses.koleo import koleo
 from multiteach.losses.standardize import PhiSStandardizer, RunningStandardizer
-from multiteach.teachers.base import TeacherSpec
+from multiteach.teachers.base import TeacherOutput, TeacherSpec
 
 TARGETS = ("summary", "patch")
 RESAMPLE_MODES = ("bicubic", "bilinear", "none")
 STANDARDIZERS = ("none", "running", "phi-s")
+#: Which student view of ``data.robust_views`` a feature term distils the clean teacher into.
+STUDENT_VIEWS = ("perturbed", "clean", "both")
 
 
 def _choice(term: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -78,7 +80,11 @@ class FeatureTerm(LossTerm):
 
     Recipe keys: ``teacher``, ``on`` (summary|patch), ``resample`` (bicubic|bilinear|none),
     ``resample_to`` (student|teacher grid), ``standardize`` (none|running|phi-s), and the distance's
-    own options (``beta`` for smooth_l1, ``temperature`` for kl, ``mix`` for mixed).
+    own options (``beta`` for smooth_l1, ``temperature`` for kl, ``mix`` for mixed), and ``student_view``
+    (perturbed|clean|both): which student view of ``data.robust_views`` imitates the clean teacher. ``perturbed``
+    (the default) is the student's perturbed copy (the only view without robust views); ``clean`` its pass on the
+    clean crop (what a switch-off student learns from); ``both`` the mean of the two distances, so the clean view
+    keeps the plain distillation while the perturbed one learns robustness.
 
     Shapes:
         summary: student (B, D_s) -> head -> (B, D_t) vs teacher (B, D_t).
@@ -87,7 +93,7 @@ class FeatureTerm(LossTerm):
 
     distance_name = ""
     distance_keys: tuple[str, ...] = ()
-    allowed_keys = ("teacher", "on", "resample", "resample_to", "standardize")
+    allowed_keys = ("teacher", "on", "resample", "resample_to", "standardize", "student_view")
 
     def __init__(
         self,
@@ -99,10 +105,14 @@ class FeatureTerm(LossTerm):
         resample_to: str = "student",
         standardize: str = "none",
         dim: int = 0,
+        student_view: str = "perturbed",
         **options: Any,
     ) -> None:
         super().__init__(name, weight)
         self.teacher = teacher
+        self.student_view = _choice(name, "student_view", student_view, STUDENT_VIEWS)
+        # the clean pass is computed with gradients when a distillation term reads it
+        self.needs_clean_student = self.clean_student_grad = self.student_view != "perturbed"
         self.on = _choice(name, "on", on, TARGETS)
         self.resample = _choice(name, "resample", resample, RESAMPLE_MODES)
         self.resample_to = _choice(name, "resample_to", resample_to, ("student", "teacher"))
@@ -141,19 +151,32 @@ class FeatureTerm(LossTerm):
         return self.standardizer(t)
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        """Unweighted distance for this step."""
-        student, teacher = ctx.student_global, ctx.teachers[self.teacher]
-        if self.on == "summary":
-            s, t = ctx.heads(self.teacher, "summary", student.summary), teacher.summary
+        """Unweighted distance for this step (the mean over the student views ``student_view`` names)."""
+        if self.student_view == "perturbed":
+            views = [ctx.student_global]
+        elif ctx.student_clean is None:
+            raise MultiteachError(
+                f"losses.{self.name}.student_view: {self.student_view!r} needs data.robust_views (clean + perturbed "
+                "student views); without it use student_view: perturbed"
+            )
         else:
-            s, t = student.patch_tokens, teacher.patch_tokens
-            if self.resample_to == "student":
-                t = _grid_aligned(t, teacher.grid, student.grid, self.resample, self.name)
-            else:
-                s = _grid_aligned(s, student.grid, teacher.grid, self.resample, self.name)
-            s = ctx.heads(self.teacher, "patch", s)
-        t = self._target(t.float())
-        return self.distance(s.float(), t, **self.options)
+            views = [ctx.student_clean] if self.student_view == "clean" else [ctx.student_global, ctx.student_clean]
+        teacher = ctx.teachers[self.teacher]
+        t = teacher.summary if self.on == "summary" else teacher.patch_tokens
+        if self.on == "patch" and self.resample_to == "student":
+            t = _grid_aligned(t, teacher.grid, views[0].grid, self.resample, self.name)
+        t = self._target(t.float())  # once per step: a running standardiser sees each target once
+        distances = [self.distance(self._student(ctx, v, teacher.grid).float(), t, **self.options) for v in views]
+        return distances[0] if len(distances) == 1 else sum(distances) / len(distances)
+
+    def _student(self, ctx: LossContext, student: TeacherOutput, teacher_grid: tuple[int, int]) -> torch.Tensor:
+        """One student view's features, projected (and grid-aligned) to the teacher's: (B, D_t) or (B, N, D_t)."""
+        if self.on == "summary":
+            return ctx.heads(self.teacher, "summary", student.summary)
+        s = student.patch_tokens
+        if self.resample_to == "teacher":
+            s = _grid_aligned(s, student.grid, teacher_grid, self.resample, self.name)
+        return ctx.heads(self.teacher, "patch", s)
 
 
 def _feature_type(distance: str, keys: tuple[str, ...]) -> type[FeatureTerm]:

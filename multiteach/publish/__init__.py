@@ -5,6 +5,7 @@ Modules:
         ``recipe.yaml``) into a folder swapped in atomically, refuses incomplete runs, and reads exports back.
     card: the model card (``README.md``) text, its timm loading line, and the licence inherited from the teachers.
     speed: the speed/size card (params, GFLOPs, img/s, peak memory) of a student next to its teachers.
+    merge: weight-space interpolation of two students of one architecture (WiSE-FT), written as an export.
     hub: the Hugging Face Hub push (private by default; the token is never printed or stored).
     redact: local-path redaction (``/home/me/tiles`` -> ``<local>/tiles``) shared by the export files and the card.
 
@@ -33,16 +34,19 @@ from multiteach.publish.export import (
     split_shared,
 )
 from multiteach.publish.hub import check_repo_id, export_files, format_files, push_to_hub
+from multiteach.publish.merge import MergeWarning, interpolate_state, merge_students
 from multiteach.publish.redact import LOCAL_PLACEHOLDER, redact_local_path, redact_local_paths
-from multiteach.publish.speed import recipe_teacher_specs, run_speed, speed_card
+from multiteach.publish.speed import batch1_latency, recipe_teacher_specs, run_speed, speed_card, speed_lines
 
 __all__ = [
     "CARD_TAGS",
     "EXPORT_FILES",
     "LOCAL_PLACEHOLDER",
     "MASK_TOKEN_KEY",
+    "MergeWarning",
     "NC_LICENSE",
     "PLACEHOLDER_REPO",
+    "batch1_latency",
     "card_license",
     "check_repo_id",
     "export_config",
@@ -50,8 +54,10 @@ __all__ = [
     "export_recipe_yaml",
     "export_run",
     "format_files",
+    "interpolate_state",
     "load_export",
     "load_heads",
+    "merge_students",
     "model_card",
     "parse_load_line",
     "push_to_hub",
@@ -60,6 +66,7 @@ __all__ = [
     "redact_local_paths",
     "run_speed",
     "speed_card",
+    "speed_lines",
     "split_shared",
     "teacher_rows",
     "timm_call_kwargs",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import re
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
 from multiteach.losses import active_teachers
 from multiteach.publish.redact import LOCAL_PLACEHOLDER, redact_local_path, redact_local_paths, redact_path_slot
 from multiteach.runs import RunStudent
+from multiteach.students import spread_blocks
 from multiteach.teachers.catalog import CATALOG
 from multiteach.teachers.licences import licence_terms
+from multiteach.teachers.loaded import describe_teacher, read_teacher_record, teacher_depth
+from multiteach.teachers.shipped import is_shipped, shipped_dir
 
 NC_LICENSE = "cc-by-nc-nd-4.0"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -104,23 +109,39 @@ def parse_load_line(line: str) -> tuple[str, dict[str, Any]]:
     return source, kwargs
 
 
-def teacher_rows(recipe: Any) -> list[dict[str, Any]]:
+def teacher_rows(
+    recipe: Any,
+    loaded: Mapping[str, Mapping[str, Any]] | None = None,
+    licence_notes: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """One row per teacher an active term uses: recipe name, source and the catalog's licence facts.
 
     Licence facts come from :data:`multiteach.teachers.licences.LICENCES` through the catalog entry, the one
     source the README table and ``multiteach teachers`` use too. Sources not in the catalog (``hf-hub:``,
-    ``local-dir:``, timm names, ...) get ``license=None``.
+    ``local-dir:``, timm names, ...) get ``license=None``, and so does a catalog name whose weights were not the
+    catalog model's (``loaded``): no catalog licence, Hub page or gating is claimed for them.
+
+    Args:
+        recipe: The run's recipe.
+        loaded: Teacher name -> :func:`~multiteach.teachers.loaded.describe_teacher` result (what was really
+            loaded); None takes every catalog name for its catalog model.
+        licence_notes: Teacher name -> the licence the exporter states for it (``--licence-note``).
     """
     rows = []
     for name in used_teachers(recipe):
         source = recipe.teachers[name].source
-        spec = CATALOG.get(source) if source in CATALOG else None
+        info = (loaded or {}).get(name)
+        catalog_model = source in CATALOG and (info is None or bool(info.get("catalog_model")))
+        spec = CATALOG.get(source) if catalog_model else None
         terms = licence_terms(spec.license) if spec else None
         rows.append(
             {
                 "name": name,
                 "source": source,
                 "in_catalog": spec is not None,
+                "catalog_name": source in CATALOG,
+                "loaded": dict(info) if info else None,
+                "user_licence": (licence_notes or {}).get(name, ""),
                 "license": spec.license if spec else None,
                 "licence_known": terms is not None,
                 "hf_license": terms.hf_license if terms else None,
@@ -150,6 +171,7 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
     """
     nc = [r for r in rows if r["noncommercial_derivatives"]]
     unknown = [r for r in rows if not r["in_catalog"] or not r.get("licence_known", r["in_catalog"])]
+    stated = [r for r in unknown if r.get("user_licence")]
     lines: list[str] = []
     if nc:
         names = "; ".join(f"{r['name']} ({r['license']}: {r.get('restriction') or 'non-commercial terms'})" for r in nc)
@@ -169,6 +191,9 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
     elif rows and not unknown and all(r.get("hf_license") == "apache-2.0" for r in rows):
         front = {"license": "apache-2.0"}
         lines.append("All teachers are Apache-2.0; check their model cards for additional terms.")
+    elif unknown and len(stated) == len(unknown):
+        front = {"license": "other", "license_name": "stated-in-model-card"}
+        lines.append("Licence `other`: the teachers' terms are stated below; read them before using this model.")
     else:
         front = {"license": "other", "license_name": "check-teacher-licences"}
         reason = (
@@ -180,9 +205,12 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
     if unknown:
         lines.append(
             "> Teacher(s) whose licence multiteach does not know: "
-            + ", ".join(f"`{r['source']}`" for r in unknown)
-            + ". Check their licences before using or sharing this model."
+            + ", ".join(_unknown_name(r) for r in unknown)
+            + ". Check their licences before using or sharing this model"
+            + ("." if stated else " (`multiteach export --licence-note NAME=TEXT` states one in this card).")
         )
+    for r in stated:
+        lines.append(f"Licence of teacher `{r['name']}` as stated by the exporter: {r['user_licence']}")
     noted = [r for r in rows if r.get("licence_note")]
     if noted:
         lines.append("Terms to respect: " + "; ".join(f"{r['name']}: {r['licence_note']}" for r in noted) + ".")
@@ -194,6 +222,62 @@ def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]
             + " (their weights require accepting terms on the Hugging Face Hub; respect them)."
         )
     return front, lines
+
+
+def _unknown_name(row: Mapping[str, Any]) -> str:
+    """A teacher whose licence is unknown, as the licence paragraph names it (never as the catalog model)."""
+    if row.get("catalog_name") and not row["in_catalog"]:
+        return f"`{row['name']}` (not the catalog's `{row['source']}` weights: see Teachers)"
+    return f"`{row['source']}`"
+
+
+def toolkit_version() -> str:
+    """The installed ``multiteach`` package's version (``multiteach.__version__`` when not installed)."""
+    try:
+        return metadata.version("multiteach")
+    except metadata.PackageNotFoundError:
+        import multiteach
+
+        return multiteach.__version__
+
+
+def loaded_teachers(recipe: Any, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """What each teacher an active term uses really loaded: the run's ``teachers.json`` (written at training
+    time), or for teachers it does not describe (older runs, cached runs, another recipe) a description made now.
+    """
+    record = read_teacher_record(run_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for name in used_teachers(recipe):
+        cfg = recipe.teachers[name]
+        info = record.get(name)
+        if info is None or info.get("source") != cfg.source:
+            try:
+                info = describe_teacher(name, cfg)
+            except MultiteachError as exc:
+                info = {"name": name, "source": cfg.source, "catalog_model": False, "why": f"not checked: {exc}"}
+        out[name] = dict(info)
+    return out
+
+
+def teacher_card_files(rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """Export file name -> model card of each teacher whose weights ship inside multiteach (``multiteach-tiny``):
+    the export carries a copy, so the card's link to it works on the Hub too."""
+    out = {}
+    for r in rows:
+        spec = CATALOG.get(r["source"]) if r["in_catalog"] else None
+        if spec is not None and is_shipped(spec.weights) and (r["loaded"] is None or r["loaded"].get("shipped")):
+            card = shipped_dir(r["source"]) / "README.md"
+            if card.is_file():
+                out[f"teacher-card-{r['source']}.md"] = card
+    return out
+
+
+_PATH_IN_TEXT = re.compile(r"(?<![^\s'\"`(:=])(?:[A-Za-z]:\\|/(?!/)|~)[^\s'\"`,;()]+")
+
+
+def _redact_text(text: str) -> str:
+    """``text`` with every absolute path in it as ``<local>/`` + its last part."""
+    return _PATH_IN_TEXT.sub(lambda m: redact_local_path(m.group(0)), text)
 
 
 def _num(value: Any) -> str:
@@ -289,8 +373,15 @@ def model_card(
     evaluation: Mapping[str, Mapping[str, Any]] | None = None,
     speed: Mapping[str, Any] | None = None,
     keep_paths: bool = False,
+    licence_notes: Mapping[str, str] | None = None,
+    loaded: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The ``README.md`` of an export: HF front matter, licence, loading line, recipe, teachers, data, tables.
+
+    Each teacher is credited for what it really loaded (:func:`loaded_teachers`): a catalog name whose weights
+    were another model is described as that model (architecture, file name, SHA-256), with no catalog licence,
+    Hub page or gating claimed for it. Links go only where a reader of the pushed model can follow them: the
+    teachers' own pages, or the copy of a shipped teacher's card beside the export (:func:`teacher_card_files`).
 
     Local paths (data folders, ``local-dir:`` teachers, model names that are paths) appear as ``<local>/`` + their
     last part, whatever ``keep_paths`` says; ``keep_paths`` only changes what the card says about ``recipe.yaml``.
@@ -302,10 +393,14 @@ def model_card(
         evaluation: Model -> metric -> value, or None.
         speed: A :func:`~multiteach.publish.speed.speed_card` result (or model -> metric -> value), or None.
         keep_paths: Whether the export's ``recipe.yaml`` kept the local paths.
+        licence_notes: Teacher name -> the licence the exporter states for it (``--licence-note``), shown for
+            teachers whose licence multiteach does not know.
+        loaded: :func:`loaded_teachers` of the run, when the caller has it already.
     """
     run_dir = Path(run_dir)
     student, recipe = run.student, run.recipe
-    rows = [redact_local_paths(r) for r in teacher_rows(recipe)]
+    loaded = loaded if loaded is not None else loaded_teachers(recipe, run_dir)
+    rows = [redact_local_paths(r) for r in teacher_rows(recipe, loaded, licence_notes)]
     if evaluation:
         evaluation = {_card_name(str(name)): metrics for name, metrics in evaluation.items()}
     front, licence_lines = card_license(rows)
@@ -314,16 +409,18 @@ def model_card(
     layer_kwargs = {k: v for k, v in student.model_kwargs.items() if k in LAYER_NAMES}
     size, mean, std = recipe.student.img_size, list(recipe.student.mean), list(recipe.student.std)
     step = checkpoint_step(run.checkpoint)
-    teachers = ", ".join(f"`{r['name']}`" for r in rows) or "no external teacher (self-distillation)"
+    teachers = (
+        ", ".join(f"`{r['name']}`" + ("" if r["in_catalog"] else " (see Teachers)") for r in rows)
+        or "no external teacher (self-distillation)"
+    )
     title = f"# {recipe.name}"
     if step is not None and step < recipe.schedule.steps:
         title += f" (incomplete: {step} of {recipe.schedule.steps} steps)"
     out = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", title, ""]
     out += [
-        f"A `{student.arch}` vision transformer ({params / 1e6:.2f}M parameters, {student.embed_dim}-d tokens, "
-        f"patch {student.patch_size}, {student.num_registers} register token(s)) distilled from {teachers} with "
-        f"[multiteach](https://github.com/multiteach/multiteach). It is a feature extractor for H&E pathology "
-        "tiles: the CLS token is the tile embedding, the patch tokens are spatial features.",
+        f"A `{student.arch}` {_student_phrases(student, params)['kind']} distilled from {teachers} with "
+        f"the `multiteach` Python package, version {toolkit_version()} (Apache-2.0). It is a feature extractor for "
+        f"H&E pathology tiles: {_student_phrases(student, params)['roles']}.",
         "",
         "## Licence",
         "",
@@ -346,20 +443,18 @@ def model_card(
             "",
         ]
     out += [
-        "`model(x)` returns the CLS embedding (B, D); `model.forward_features(x)` returns all tokens "
-        f"(B, {student.num_prefix_tokens} + h*w, D): CLS, then {student.num_registers} register(s), then the patch "
-        "tokens.",
+        _student_phrases(student, params)["outputs"],
         "",
         "## Preprocessing",
         "",
         f"- RGB tiles resized to {size}x{size} px (bicubic), scaled to [0, 1], normalised with",
-        f"  mean {mean} and std {std}; other multiples of {student.patch_size} px work too (dynamic image size).",
+        f"  mean {mean} and std {std}; {_student_phrases(student, params)['sizes']}.",
         "- `timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))` builds this transform.",
         "",
         "## Training",
         "",
-        f"- student: `{student.arch}` ({params / 1e6:.2f}M params), kwargs `{json.dumps(student.model_kwargs)}`"
-        + (", initialised from timm's pretrained weights" if recipe.student.pretrained else ", random init"),
+        f"- student: `{student.arch}` ({params / 1e6:.2f}M params), kwargs `{json.dumps(student.model_kwargs)}`, "
+        + student_init_text(recipe, len(getattr(student.model, "blocks", ()))),
         f"- steps: {recipe.schedule.steps} planned"
         + (f", {step} completed at the exported checkpoint" if step is not None else ""),
         f"- batch: {recipe.optim.batch_size} images per step; lr {recipe.optim.lr:g}; "
@@ -378,19 +473,7 @@ def model_card(
         "",
     ]
     if rows:
-        out += ["| teacher | source | licence | gated | non-commercial derivatives |", "|---|---|---|---|---|"]
-        for r in rows:
-            lic = r["license"] if r["in_catalog"] else "not in the catalog — check its licence"
-            src = f"[{r['source']}]({r['url']})" if r["url"] else f"`{r['source']}`"
-            nc = "yes" if r["noncommercial_derivatives"] else ("no" if r["in_catalog"] else "unknown")
-            out.append(f"| {r['name']} | {src} | {lic} | {'yes' if r['gated'] else 'no'} | {nc} |")
-        local = [r["name"] for r in rows if r.get("local_weights")]
-        if local:
-            out += [
-                "",
-                f"Weights of {', '.join(local)} were loaded from local files (`weights:` in the recipe), not "
-                "from the Hub; check `recipe.yaml` for what they were (the CPU demo uses tiny random stand-ins).",
-            ]
+        out += _teacher_table(rows)
     else:
         out.append("No external teacher: the student learnt from its own EMA copy only.")
     out.append("")
@@ -412,6 +495,106 @@ def model_card(
     return "\n".join(out)
 
 
+def student_init_text(recipe: Any, n_blocks: int) -> str:
+    """How the student's weights started: a random init, timm's pretrained weights, or a teacher's blocks
+    (``student.init_from``: the blocks the recipe lists, else those :func:`~multiteach.students.spread_blocks`
+    picks over the teacher's depth, as training did).
+
+    Args:
+        recipe: The run's recipe.
+        n_blocks: The student's number of blocks.
+    """
+    s = recipe.student
+    if s.init_from is None:
+        return f"initialised from timm's pretrained `{s.arch}` weights" if s.pretrained else "random init"
+    depth = None if s.init_blocks else teacher_depth(recipe.teachers[s.init_from])
+    if s.init_blocks:
+        blocks = f"blocks {list(s.init_blocks)}"
+    elif depth:
+        blocks = f"blocks {spread_blocks(depth, n_blocks)} of its {depth}"
+    else:
+        blocks = f"{n_blocks} of its blocks spread evenly over its depth"
+    return (
+        f"initialised from teacher `{s.init_from}` (`student.init_from`): its patch embedding, class/register "
+        f"tokens, positional embedding, final norm and {blocks}, one per student block"
+    )
+
+
+def _teacher_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The Teachers section: one table row per teacher, then what was loaded for every teacher whose weights
+    were not its catalog model's (never crediting the catalog model, its page or its licence)."""
+    cards = {path.parent.name: name for name, path in teacher_card_files(rows).items()}
+    out = ["| teacher | source | licence | gated | non-commercial derivatives |", "|---|---|---|---|---|"]
+    for r in rows:
+        link = cards.get(r["source"]) or (r["url"] if str(r["url"]).startswith("https://") else None)
+        if not r["in_catalog"]:
+            src = "other weights (below)" if r["catalog_name"] else f"`{r['source']}`"
+            lic = "stated below" if r["user_licence"] else "unknown — yours to state (below)"
+            out.append(f"| {r['name']} | {src} | {lic} | — | unknown |")
+            continue
+        src = f"[{r['source']}]({link})" if link else f"`{r['source']}`"
+        nc = "yes" if r["noncommercial_derivatives"] else "no"
+        out.append(f"| {r['name']} | {src} | {r['license']} | {'yes' if r['gated'] else 'no'} | {nc} |")
+    other = [r for r in rows if not r["in_catalog"]]
+    if other:
+        out += ["", "What was loaded for the teachers whose weights are not a catalog model's:", ""]
+        out += [_loaded_line(r) for r in other]
+    local = [r["name"] for r in rows if r["in_catalog"] and r.get("local_weights") and not cards.get(r["source"])]
+    if local:
+        out += [
+            "",
+            f"Weights of {', '.join(local)} were loaded from a local copy (`weights:` in the recipe) that the weights "
+            "doctor found to be the catalog model's architecture.",
+        ]
+    for source, file in cards.items():
+        out += ["", f"`{source}` ships inside multiteach; a copy of its model card is beside this one: `{file}`."]
+    return out
+
+
+def _loaded_line(row: Mapping[str, Any]) -> str:
+    """One teacher whose weights are not its catalog model's: why, what was loaded, and whose licence it is."""
+    info = row.get("loaded") or {}
+    what = [f"architecture `{_redact_text(info['architecture'])}` (its own config)"] if info.get("architecture") else []
+    if info.get("file"):
+        what.append(f"weights file `{info['file']}`, sha256 `{info.get('sha256')}`")
+    why = _redact_text(info.get("why") or "not a catalog teacher")
+    head = f"not the catalog's `{row['source']}`: {why}" if row["catalog_name"] else why
+    loaded = f" Loaded: {'; '.join(what)}." if what else ""
+    if row.get("user_licence"):
+        licence = f" Licence, as stated by the exporter: {row['user_licence']}"
+    else:
+        licence = (
+            " Its licence is not known to multiteach and is yours to state "
+            f"(`multiteach export --licence-note {row['name']}=TEXT`)."
+        )
+    return f"- `{row['name']}`: {head}.{loaded}{licence}"
+
+
+def _student_phrases(student: Any, params: int) -> dict[str, str]:
+    """How the card words a student: ``kind`` (architecture in brackets), ``roles`` (which output is the tile
+    embedding), ``outputs`` (what timm's calls return), ``sizes`` (other input sizes), for a ViT or a feature map."""
+    if student.is_vit:
+        return {
+            "kind": f"vision transformer ({params / 1e6:.2f}M parameters, {student.embed_dim}-d tokens, patch "
+            f"{student.patch_size}, {student.num_registers} register token(s))",
+            "roles": "the CLS token is the tile embedding, the patch tokens are spatial features",
+            "outputs": "`model(x)` returns the CLS embedding (B, D); `model.forward_features(x)` returns all tokens "
+            f"(B, {student.num_prefix_tokens} + h*w, D): CLS, then {student.num_registers} register(s), then the patch "
+            "tokens.",
+            "sizes": f"other multiples of {student.patch_size} px work too (dynamic image size)",
+        }
+    d = student.embed_dim
+    layout = f"(B, h, w, {d})" if student.nhwc else f"(B, {d}, h, w)"
+    return {
+        "kind": f"{student.family} ({params / 1e6:.2f}M parameters, a {student.embed_dim}-channel feature map at "
+        f"stride {student.patch_size}, {student.summary_dim}-d pooled embedding)",
+        "roles": "the pooled feature is the tile embedding, the final feature map gives spatial features",
+        "outputs": f"`model(x)` returns the pooled embedding (B, {student.summary_dim}); `model.forward_features(x)` "
+        f"returns the final feature map {layout} (read row-major as h*w patch tokens in distillation).",
+        "sizes": f"other sizes work too (a convolutional feature map; about one cell per {student.patch_size} px)",
+    }
+
+
 def _speed_lines(speed: Mapping[str, Any]) -> list[str]:
     """The speed/size section from a :func:`~multiteach.publish.speed.speed_card` result (or a plain model -> metric
     mapping)."""
@@ -420,6 +603,7 @@ def _speed_lines(speed: Mapping[str, Any]) -> list[str]:
         name: {
             "params (M)": m.get("params", 0) / 1e6 if "params" in m else None,
             "GFLOPs/img": m.get("gflops"),
+            **({"batch-1 ms/tile": m["latency_ms"]} if m.get("latency_ms") is not None else {}),
             "img/s": m.get("img_per_s"),
             "peak memory (MB)": m.get("peak_mem_mb"),
         }
@@ -430,8 +614,78 @@ def _speed_lines(speed: Mapping[str, Any]) -> list[str]:
     if "device" in speed:
         lines += [
             f"Measured on {speed['device']}, {speed.get('dtype')}, batch {speed.get('batch')} at "
-            f"{speed.get('size')} px; memory: {speed.get('memory')}; teachers may be random-init architectures "
-            "of the real size.",
+            f"{speed.get('size')} px (latency: {speed.get('latency') or 'not measured'}); memory: "
+            f"{speed.get('memory')}; teachers may be random-init architectures of the real size.",
             "",
         ]
     return lines
+
+
+# --------------------------------------------------------------------------- merged students (multiteach merge)
+#: Sections of a parent's card that described the parent's own weights and do not hold for a merge.
+PARENT_ONLY_SECTIONS = ("## Evaluation", "## Speed and size")
+
+
+def merged_card(
+    base: str,
+    parents: list[Mapping[str, Any]],
+    alpha: float,
+    differences: list[str] | None = None,
+    nearer: int = 0,
+) -> str:
+    """The card of a weight-space merge (``multiteach merge``): the nearer parent's card, retitled, with a "Merged
+    parents" section naming both parents and alpha, and without the parent's evaluation and speed tables.
+
+    Args:
+        base: The nearer parent's ``README.md`` (empty for an export without one).
+        parents: Per parent ``{source, recipe, weights, step, teachers}``, first then second.
+        alpha: Weight of the second parent: ``(1 - alpha) * first + alpha * second``.
+        differences: Recipe keys the parents differ in, ``"key: first vs second"``.
+        nearer: Which parent ``base`` (and the export's ``recipe.yaml``) belongs to, 0 or 1.
+    """
+    first, second = parents
+    title = f"# merge of {first['recipe']} and {second['recipe']} (alpha {alpha:g})"
+    rows = "".join(
+        f"| {label} `{p['source']}` | {weight:g} | {p['recipe']} | {p['weights']} | {p['step']} | "
+        f"{', '.join(p['teachers']) or 'none'} |\n"
+        for label, p, weight in (("first", first, 1 - alpha), ("second", second, alpha))
+    )
+    section = [
+        "## Merged parents",
+        "",
+        f"These weights are a weight-space interpolation (WiSE-FT, Wortsman et al. 2022) of two students of one "
+        f"architecture: `(1 - alpha) * first + alpha * second` with alpha = {alpha:g}, for the backbone and for the "
+        "heads both parents have.",
+        "",
+        "| parent | share | recipe | weights | step | teachers |",
+        "|---|---|---|---|---|---|",
+        rows.rstrip("\n"),
+        "",
+        f"The sections below and `recipe.yaml` are those of the {('first', 'second')[nearer]} (nearer) parent; "
+        "the parents' own evaluation and speed tables are left out, as they do not describe the merge.",
+        "",
+    ]
+    if differences:
+        section += ["The parents were trained from different recipes; they differ in:", ""]
+        section += [f"- `{d}`" for d in differences] + [""]
+    if sorted(first["teachers"]) != sorted(second["teachers"]):
+        section += [
+            "The parents had different teachers: the merged weights derive from both, so the terms of every "
+            "teacher listed above apply, not only those in the Licence section.",
+            "",
+        ]
+    lines = base.splitlines() if base else ["# merge"]
+    at = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+    if at is None:
+        lines, at = [title, *lines], 0
+    lines[at] = title
+    kept, skipping = [], False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line.strip() in PARENT_ONLY_SECTIONS
+        if not skipping:
+            kept.append(line)
+    end = at + 1
+    while end < len(kept) and not kept[end].startswith("## "):
+        end += 1
+    return "\n".join([*kept[:end], *section, *kept[end:]])

@@ -5,11 +5,12 @@
 
 * ``model.safetensors``: the backbone state dict exactly as ``timm.create_model(arch, num_classes=0, **kwargs)``
   names it (no ``student.`` prefix, no mask token);
-* ``config.json``: timm's hub config (``architecture``, ``model_args`` without the layer-class arguments, as the
-  public SwiGLU repos write it, and ``pretrained_cfg`` with the student's preprocessing), plus a ``multiteach``
-  section recording the layer names so :func:`load_export` needs no call-time arguments;
+* ``config.json``: timm's hub config (``architecture``, ``model_args`` of the student's family, ViT or not, without
+  the layer-class arguments, as the public SwiGLU repos write it, and ``pretrained_cfg`` with the student's
+  preprocessing), plus a ``multiteach`` section recording the layer names so :func:`load_export` needs no
+  call-time arguments;
 * ``heads.safetensors``: every ``loss.*`` tensor of the checkpoint (projection, DINO and iBOT heads, loss state)
-  and the student's mask token, for fine-tuning or resuming distillation elsewhere;
+  and a ViT student's mask token, for fine-tuning or resuming distillation elsewhere;
 * ``recipe.yaml``: the resolved recipe, its local paths replaced by ``<local>/`` + the file or folder name
   (``keep_paths`` keeps them);
 * ``README.md``: a Hugging Face model card (:mod:`multiteach.publish.card`: licence inherited from the
@@ -45,7 +46,15 @@ import multiteach
 from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.errors import MultiteachError
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
-from multiteach.publish.card import PLACEHOLDER_REPO, checkpoint_step, model_card, used_teachers
+from multiteach.publish.card import (
+    PLACEHOLDER_REPO,
+    checkpoint_step,
+    loaded_teachers,
+    model_card,
+    teacher_card_files,
+    teacher_rows,
+    used_teachers,
+)
 from multiteach.publish.redact import redact_local_paths, redact_path_slot
 from multiteach.runs import LOSS_PREFIX, RunStudent, load_run_student, require_complete
 from multiteach.standins import timm_config
@@ -66,6 +75,7 @@ def export_run(
     repo_id: str | None = None,
     allow_incomplete: bool = False,
     keep_paths: bool = False,
+    licence_notes: Mapping[str, str] | None = None,
 ) -> Path:
     """Export the last checkpoint of a run as a timm model folder (see the module docstring for the files).
 
@@ -75,8 +85,8 @@ def export_run(
     Args:
         run_dir: A run directory written by ``multiteach train``.
         out_dir: Folder to create. It must not exist or be empty, unless ``overwrite`` is set.
-        use_ema: Export the EMA weights when the run kept them (the usual DINOv2/H0-mini choice), else the
-            live weights.
+        use_ema: Export the EMA weights when the recipe kept them on purpose (``train.keep_ema``, the usual
+            DINOv2/H0-mini choice); the live weights otherwise, and always when False.
         overwrite: Replace an existing, non-empty ``out_dir``.
         evaluation: Optional results, model name -> metric -> value, shown as a table in the card.
         speed: Optional :func:`~multiteach.publish.speed.speed_card` result, shown as a speed/size table in the card.
@@ -87,6 +97,8 @@ def export_run(
         keep_paths: Keep the local paths (data, teacher weights, output folder) in ``recipe.yaml`` as they are;
             by default each becomes ``<local>/`` + its last part
             (:func:`~multiteach.publish.redact.redact_local_paths`). Other files never hold local paths.
+        licence_notes: Teacher name -> the licence the exporter states for a teacher whose licence multiteach
+            does not know (``--licence-note NAME=TEXT``); the card prints it for that teacher.
 
     Returns:
         ``out_dir`` as a resolved path.
@@ -104,7 +116,7 @@ def export_run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        _write_export(run, run_dir, tmp, evaluation, speed, repo_id or PLACEHOLDER_REPO, keep_paths)
+        _write_export(run, run_dir, tmp, evaluation, speed, repo_id or PLACEHOLDER_REPO, keep_paths, licence_notes)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +159,10 @@ def _write_export(
     speed: Mapping[str, Any] | None,
     repo_id: str,
     keep_paths: bool = False,
+    licence_notes: Mapping[str, str] | None = None,
 ) -> None:
-    """Write the five export files of ``run`` into ``folder``."""
+    """Write the five export files of ``run`` into ``folder`` (and a copy of the card of each teacher shipped
+    inside multiteach, which the model card links to)."""
     student, recipe = run.student, run.recipe
     backbone = {k: v.detach().cpu() for k, v in student.model.state_dict().items()}
     _check_loads(student.arch, student.model_kwargs, backbone)
@@ -160,7 +174,8 @@ def _write_export(
     atomic_write_json(folder / "config.json", export_config(run))
 
     heads = {k: v.detach().cpu() for k, v in run.state.items() if k.startswith(LOSS_PREFIX)}
-    heads[MASK_TOKEN_KEY] = student.mask_token.detach().cpu()
+    if student.mask_token is not None:  # ViT students only
+        heads[MASK_TOKEN_KEY] = student.mask_token.detach().cpu()
     unique, aliases = split_shared(heads)
     shared_heads = {
         name: cfg["share_head_with"] for name, cfg in recipe.active_losses().items() if cfg.get("share_head_with")
@@ -175,8 +190,20 @@ def _write_export(
     atomic_save_safetensors(folder / "heads.safetensors", unique, metadata=meta)
 
     (folder / "recipe.yaml").write_text(export_recipe_yaml(recipe, keep_paths), encoding="utf-8")
-    card = model_card(run, run_dir, repo_id=repo_id, evaluation=evaluation, speed=speed, keep_paths=keep_paths)
+    loaded = loaded_teachers(recipe, run_dir)
+    card = model_card(
+        run,
+        run_dir,
+        repo_id=repo_id,
+        evaluation=evaluation,
+        speed=speed,
+        keep_paths=keep_paths,
+        licence_notes=licence_notes,
+        loaded=loaded,
+    )
     (folder / "README.md").write_text(card, encoding="utf-8")
+    for name, source in teacher_card_files(teacher_rows(recipe, loaded)).items():
+        shutil.copyfile(source, folder / name)
     _usual_permissions(folder)
 
 
@@ -240,12 +267,17 @@ def export_config(run: RunStudent) -> dict[str, Any]:
         tuple(recipe.student.std),
         int(recipe.student.img_size),
     )
+    if not student.is_vit:  # timm_config describes a ViT: the family's own pooling and first conv instead
+        cfg["global_pool"] = _pool_type(student.model)
+        cfg["pretrained_cfg"]["first_conv"] = (getattr(student.model, "pretrained_cfg", None) or {}).get("first_conv")
     cfg["multiteach"] = {
         "version": multiteach.__version__,
         "arch": student.arch,
         "model_kwargs": kwargs,
         "layer_kwargs": layer_kwargs,
+        "family": student.family,
         "embed_dim": int(student.embed_dim),
+        "summary_dim": int(student.summary_dim),
         "patch_size": int(student.patch_size),
         "num_prefix_tokens": int(student.num_prefix_tokens),
         "num_registers": int(student.num_registers),
@@ -255,6 +287,17 @@ def export_config(run: RunStudent) -> dict[str, Any]:
         "teachers": {name: recipe.teachers[name].source for name in used_teachers(recipe)},
     }
     return redact_local_paths(cfg)
+
+
+def _pool_type(model: nn.Module) -> str | None:
+    """The pooling a timm model's head applies (``"avg"``, ...), read where timm keeps it; None if not found."""
+    head = getattr(model, "head", None)
+    places = (getattr(head, "global_pool", None), getattr(head, "pool_type", None), getattr(model, "global_pool", None))
+    for pool in places:
+        pool = getattr(pool, "pool_type", pool)
+        if isinstance(pool, str):
+            return pool
+    return None
 
 
 def split_shared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

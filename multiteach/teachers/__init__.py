@@ -47,6 +47,7 @@ __all__ = [
     "TokenBackbone",
     "build_teacher",
     "resolve_spec",
+    "spec_overrides",
     "teacher_architecture",
     "weights_architecture",
 ]
@@ -94,6 +95,26 @@ def resolve_spec(name: str, **overrides: Any) -> TeacherSpec:
     if bad:
         raise MultiteachError(f"teacher {name!r}: unknown field(s) {', '.join(bad)}.{did_you_mean(bad[0], fields)}")
     return spec.replace(**overrides) if overrides else spec
+
+
+def spec_overrides(cfg: Any) -> dict[str, Any]:
+    """The :class:`TeacherSpec` fields a recipe's teacher entry changes (architecture kwargs, embedding rule,
+    the opt-in to run Hub code).
+
+    Args:
+        cfg: A recipe's teacher entry (``TeacherConfig``: ``model_kwargs``, ``embedding``, ``trust_remote_code``).
+
+    Returns:
+        Field -> value, for :func:`resolve_spec` / :func:`build_teacher`.
+    """
+    overrides: dict[str, Any] = {}
+    if cfg.model_kwargs:
+        overrides["model_kwargs"] = dict(cfg.model_kwargs)
+    if cfg.embedding:
+        overrides["embedding"] = cfg.embedding
+    if getattr(cfg, "trust_remote_code", False):
+        overrides["trust_remote_code"] = True
+    return overrides
 
 
 def teacher_architecture(name: str, **overrides: Any) -> nn.Module:

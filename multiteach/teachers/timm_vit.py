@@ -22,6 +22,7 @@ from multiteach.teachers.base import TeacherOutput, TeacherSpec, TokenBackbone, 
 from multiteach.teachers.keycheck import group_keys
 from multiteach.teachers.weights import (
     assign_state_dict,
+    check_hub_reachable,
     hub_file,
     hub_weights,
     local_weights,
@@ -186,6 +187,7 @@ def _timm_pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """A plain timm name with timm's own pretrained weights (downloaded by timm)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    check_hub_reachable()  # timm downloads through huggingface_hub: offline, it fails at once
     try:
         return timm.create_model(
             arch, pretrained=True, num_classes=0, dynamic_img_size=True, **resolve_layer_kwargs(kwargs)

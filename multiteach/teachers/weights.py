@@ -1,9 +1,22 @@
 """Finding and loading teacher weights: Hub download with actionable errors, safe state-dict reads,
-and assign-loading into a meta-device model (so a 4.5 GB teacher never exists twice in RAM)."""
+and assign-loading into a meta-device model (so a 4.5 GB teacher never exists twice in RAM).
+
+Before the first Hub request of a process, :func:`check_hub_reachable` tries one connection to the Hub
+(``HF_ENDPOINT``, through the HTTPS proxy when one is set) with a short timeout. When nothing answers, the
+whole process runs in ``huggingface_hub``'s offline mode: cached files are used and a missing one fails at
+once with one message, instead of after five retries of every request (about 20 s per file).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +39,69 @@ if TYPE_CHECKING:
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPER_KEYS = ("state_dict", "teacher", "model", "module")
+HUB_CHECK_TIMEOUT_S = 2.0
+log = logging.getLogger("multiteach.teachers.weights")
+# why this process runs offline ("" while the Hub was reachable); None until the first Hub request checked it
+_hub_offline_reason: str | None = None
+
+
+def _connect_target(url: str) -> tuple[str, int]:
+    """``(host, port)`` a request to ``url`` connects to first: its HTTPS/HTTP proxy when one applies, else
+    the URL's own host."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_parts.hostname or "", proxy_parts.port or 8080
+    return host, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def hub_answers(url: str, timeout: float = HUB_CHECK_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``url``'s host (or its proxy) opens within ``timeout`` seconds.
+
+    The name lookup and the connection run in a daemon thread, so a resolver that hangs (no DNS server)
+    cannot hold the caller longer than ``timeout`` either.
+    """
+    host, port = _connect_target(url)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=connect, name="multiteach-hub-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def check_hub_reachable() -> str:
+    """Decide once per process whether the Hub can be reached; offline, switch ``huggingface_hub`` to offline
+    mode for the rest of the process (``HF_HUB_OFFLINE``, also for the processes it starts).
+
+    Returns:
+        Why the process is offline (``""`` when the Hub answered): ``HF_HUB_OFFLINE is set`` or
+        ``no connection to <endpoint> within 2 s``.
+    """
+    global _hub_offline_reason
+    if _hub_offline_reason is not None:
+        return _hub_offline_reason
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        _hub_offline_reason = "HF_HUB_OFFLINE is set"
+    elif hub_answers(constants.ENDPOINT):
+        _hub_offline_reason = ""
+    else:
+        _hub_offline_reason = f"no connection to {constants.ENDPOINT} within {HUB_CHECK_TIMEOUT_S:g} s"
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        log.debug("Hugging Face Hub unreachable (%s): offline mode for this process", _hub_offline_reason)
+    return _hub_offline_reason
 
 
 def _hub_hint(repo_id: str, gated: bool) -> str:
@@ -47,6 +123,7 @@ def hub_file(repo_id: str, filename: str, gated: bool = False, revision: str | N
     Raises:
         MultiteachError: naming the repo, whether it is gated, and how to fix access.
     """
+    offline = check_hub_reachable()
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except GatedRepoError:
@@ -58,7 +135,7 @@ def hub_file(repo_id: str, filename: str, gated: bool = False, revision: str | N
     except LocalEntryNotFoundError:
         raise MultiteachError(
             f"{repo_id}/{filename}{f' at pinned revision {revision}' if revision else ''} is not in the local "
-            f"Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network). "
+            f"Hugging Face cache and the Hub cannot be reached ({offline or 'no answer to the request'}). "
             f"{_hub_hint(repo_id, gated)}"
         ) from None
     except EntryNotFoundError:
@@ -102,6 +179,33 @@ def spec_weights(spec: TeacherSpec, local: tuple[str, ...], hub: tuple[str, ...]
     if not spec.hub_id:
         raise MultiteachError(f"teacher {spec.name!r} has neither a hub_id nor `weights:`")
     return hub_weights(spec.hub_id, spec.gated, hub, spec.revision)
+
+
+#: ``config.json`` key naming the catalog teacher a random multiteach stand-in imitates (:mod:`multiteach.standins`)
+STANDIN_KEY = "multiteach_standin"
+
+
+def standin_of(weights: str | Path | None) -> str | None:
+    """The catalog teacher a ``weights:`` folder is a random multiteach stand-in of (its ``config.json`` says so),
+    else None."""
+    if not weights:
+        return None
+    root = Path(weights).expanduser()
+    config = (root if root.is_dir() else root.parent) / "config.json"
+    try:
+        value = json.loads(config.read_text()).get(STANDIN_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from multiteach.data.wsi.slide import (
     logger,
     open_slide,
     slide_mpp,
+    slides_hint,
 )
 from multiteach.data.wsi.tissue import (
     DEFAULT_MIN_SATURATION,
@@ -34,7 +35,7 @@ from multiteach.data.wsi.tissue import (
     tissue_fraction,
     tissue_mask,
 )
-from multiteach.data.wsi.write import TILE_FORMATS, TileWriteResult, write_tiles
+from multiteach.data.wsi.write import TILE_FORMATS, TileWriteResult, expand_slide_lists, read_slide_csv, write_tiles
 
 __all__ = [
     "CSV_COLUMNS",
@@ -53,13 +54,16 @@ __all__ = [
     "TileWriteResult",
     "WSITileDataset",
     "choose_level",
+    "expand_slide_lists",
     "logger",
     "open_slide",
     "otsu_threshold",
     "plan_tiles",
+    "read_slide_csv",
     "read_tile",
     "slide_mpp",
     "slide_thumbnail",
+    "slides_hint",
     "tissue_fraction",
     "tissue_mask",
     "write_tiles",
