@@ -1,5 +1,5 @@
 """The end-of-run summary a person reads: wall time, steps done / planned, images/s, each term first -> last,
-skipped tiles and the health warnings raised; printed, appended to ``train.log`` and written as ``summary.json``.
+the unreadable inputs skipped (found at start and met while reading) and the health warnings raised; printed, appended to ``train.log`` and written as ``summary.json``.
 
 A run resumed from a checkpoint is summarised from its step 1: each term's first value comes from the run's
 ``metrics.jsonl`` (the records up to the resume step, :func:`history`), the wall time of the processes before
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from multiteach.eval.report import atomic_write_bytes
 
 #: the ``state.json`` key of a checkpoint that holds :meth:`RunSummary.progress`
 STATE_KEY = "run_summary"
+#: at most this many skipped inputs are listed by name (all are counted)
+LISTED_SKIPPED = 1000
 
 
 class RunSummary:
@@ -27,11 +29,18 @@ class RunSummary:
     Args:
         planned: ``schedule.steps``.
         start: The step the run (re)started from.
-        skipped: Unreadable tiles the data set skipped.
+        skipped: ``{"what", "reason"}`` of the inputs the source found unusable at start (missing list entries,
+            slides without tissue), as its ``describe()["skipped"]``.
+        skipped_unlisted: Further ones counted at start but not named (a sampled presence check).
     """
 
-    def __init__(self, planned: int, start: int, skipped: int = 0) -> None:
-        self.planned, self.start, self.skipped = planned, start, skipped
+    def __init__(
+        self, planned: int, start: int, skipped: Sequence[Mapping[str, str]] = (), skipped_unlisted: int = 0
+    ) -> None:
+        self.planned, self.start = planned, start
+        self.skipped: dict[str, str] = {}  # what -> reason, each unusable input once, in the order met
+        self.skipped_unlisted = skipped_unlisted
+        self.add_skipped((s["what"], s["reason"]) for s in skipped)
         self.t0 = time.perf_counter()
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
@@ -52,11 +61,19 @@ class RunSummary:
             self.record({k: rec[k] for k in names if k in rec}, 0)
         self.wall_before = float(saved.get("wall_s", 0.0))
         self.resumed_at = [*(int(s) for s in saved.get("resumed_at", [])), self.start]
+        earlier = {str(w): str(r) for w, r in saved.get("skipped", [])}
+        self.skipped = {**earlier, **self.skipped}
+
+    def add_skipped(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Note unreadable inputs met while reading: ``(what, reason)`` pairs; each input is counted once."""
+        for what, reason in pairs:
+            self.skipped.setdefault(str(what), str(reason))
 
     def progress(self) -> dict[str, Any]:
-        """What a checkpoint saves for the summary of a later resume: ``{STATE_KEY: {wall_s, resumed_at}}``."""
+        """What a checkpoint saves for a later resume's summary: ``{STATE_KEY: {wall_s, resumed_at, skipped}}``."""
         wall = self.wall_before + time.perf_counter() - self.t0
-        return {STATE_KEY: {"wall_s": round(wall, 3), "resumed_at": list(self.resumed_at)}}
+        listed = [[w, r] for w, r in list(self.skipped.items())[:LISTED_SKIPPED]]
+        return {STATE_KEY: {"wall_s": round(wall, 3), "resumed_at": list(self.resumed_at), "skipped": listed}}
 
     def record(self, values: Mapping[str, float], images: int) -> None:
         """One logged step's term values (unweighted) and the images since the previous log."""
@@ -78,7 +95,8 @@ class RunSummary:
             "steps_this_process": step - self.start,
             "img_per_s": round(self.images / max(elapsed, 1e-9), 2),
             "terms": {k: {"first": self.first[k], "last": self.last[k]} for k in self.first},
-            "skipped_tiles": self.skipped,
+            "skipped_tiles": len(self.skipped) + self.skipped_unlisted,
+            "skipped": [{"what": w, "reason": r} for w, r in list(self.skipped.items())[:LISTED_SKIPPED]],
             "warnings": list(self.warnings),
         }
         atomic_write_bytes(Path(run_dir) / "summary.json", json.dumps(summary, indent=2).encode())
@@ -99,7 +117,11 @@ def render(summary: Mapping[str, Any]) -> str:
     ]
     lines += [f"  {k}: {v['first']:.4g} -> {v['last']:.4g}" for k, v in summary["terms"].items()]
     if summary["skipped_tiles"]:
-        lines.append(f"  skipped tiles: {summary['skipped_tiles']} (listed in data.json)")
+        first = summary.get("skipped") or [{"what": "?", "reason": "?"}]
+        lines.append(
+            f"  skipped unreadable inputs: {summary['skipped_tiles']} (listed in summary.json; first: "
+            f"{first[0]['what']}: {first[0]['reason']})"
+        )
     lines += [f"  warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
 

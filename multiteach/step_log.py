@@ -44,7 +44,8 @@ class StepLog:
         run_dir: The run directory (``metrics.jsonl`` is appended to, ``summary.json`` written at the end).
         loss: The composed loss (its term names and weights order the progress bar's terms).
         start: The step the run starts (or resumes) at.
-        skipped: Unreadable images skipped by the data set (for the run summary).
+        skipped: The source's ``describe()``: its ``skipped`` inputs found at start (and ``skipped_total``) start
+            the run summary's list of unreadable inputs; those met while reading are added per micro-batch.
         world: Number of processes (images per second count all of them).
         main: Whether this is the main process (writes metrics.jsonl, shows the bar, warns).
         tracker_log: ``Accelerator.log`` when the recipe names trackers, else None.
@@ -56,7 +57,7 @@ class StepLog:
         run_dir: Path,
         loss: Any,
         start: int,
-        skipped: int,
+        skipped: Mapping[str, Any],
         world: int,
         main: bool,
         tracker_log: Callable[..., None] | None = None,
@@ -69,7 +70,9 @@ class StepLog:
         self.health = recipe.train.health_check if main or recipe.train.health_check == "error" else "off"
         self.flat_terms = FlatTermWatch(mode=self.health)
         self.strengths = StrengthLog()  # robust views: perturbation strengths per log window
-        self.summary = RunSummary(self.steps, start, skipped)
+        listed = list(skipped.get("skipped", []))
+        unlisted = max(int(skipped.get("skipped_total", len(listed))) - len(listed), 0)
+        self.summary = RunSummary(self.steps, start, listed, unlisted)
 
     def resumed(self, state: Mapping[str, Any]) -> None:
         """Carry the run's history into this process's summary when it resumed from a checkpoint.
@@ -101,15 +104,17 @@ class StepLog:
         self.summary.warnings += check_standardizers(loss, self.health)
 
     def add_micro_batch(self, batch: Mapping[str, Any], n_global: int) -> None:
-        """Count a micro-batch's images and record its robust-view strengths.
+        """Count a micro-batch's images, note the unreadable inputs met and record its robust-view strengths.
 
         Args:
             batch: The collated batch: ``global`` (n_global * B, 3, H, W), crop-major, and with robust views
-                ``robust`` (n_global * B, len(ORDER)) perturbation strengths (0: not applied).
+                ``robust`` (n_global * B, len(ORDER)) perturbation strengths (0: not applied); ``skipped``:
+                ``(what, reason)`` pairs of unreadable inputs the source replaced.
             n_global: Global crops per image.
         """
         self.window_imgs += batch["global"].shape[0] // n_global
         self.strengths.add(batch.get("robust"))
+        self.summary.add_skipped(batch.get("skipped") or ())
 
     def step(
         self, step: int, total: torch.Tensor, values: Mapping[str, torch.Tensor], hparams: Mapping[str, float]

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, training_source
 from multiteach.cache import open_cache, uses_cache
@@ -234,12 +235,16 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 4. the loop ----------------------------------------------------------------------------------
     steps, accum, n_global = recipe.schedule.steps, recipe.optim.grad_accum, recipe.data.global_crops.n
     tracker_log = acc.log if recipe.train.trackers else None
-    skipped_at_start = len(tiles.describe()["skipped"])
-    book = StepLog(recipe, run_dir, unwrapped.loss, start, skipped_at_start, world, acc.is_main_process, tracker_log)
+    book = StepLog(recipe, run_dir, unwrapped.loss, start, tiles.describe(), world, acc.is_main_process, tracker_log)
     book.resumed(state)  # a resumed run's summary starts at its step 1
     ema_momentum = recipe.schedule.ema_momentum
 
+    def share_skipped() -> None:  # every rank's unreadable inputs into each rank's summary
+        if world > 1:
+            book.summary.add_skipped(gather_object(list(book.summary.skipped.items())))
+
     def save(at: int) -> None:  # a checkpoint of optimiser step ``at``
+        share_skipped()
         batch = micro * world * accum
         write_checkpoint(acc, run_dir, at, unwrapped, ema, optimizer, digest, batch, strategy, book.summary.progress())
 
@@ -272,6 +277,7 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
             stopped_by = _checkpoint_or_stop(acc, stop, recipe, step, save)
             if stopped_by:
                 break
+        share_skipped()
         if acc.is_main_process:
             book.finish(run_dir, step, stopped_by)
     finally:

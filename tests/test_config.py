@@ -189,11 +189,12 @@ def test_check_trainable(recipes):
 
 
 def test_resolved_recipe_round_trips(recipes, tmp_path):
-    recipe = load_recipe("demo", ["data.wsi={mpp: 0.25, level: 1}", "losses.uni.patch.resample=bilinear"])
+    slides = f"data.slides={{source: {tmp_path}, target_mpp: [0.25, 1.0], proportions: [3, 1]}}"
+    recipe = load_recipe("demo", [slides, "losses.uni.patch.resample=bilinear"])
     text = recipe.to_yaml()
     again = load_recipe(write(tmp_path / "elsewhere.yaml", text))
     assert again.to_dict() == recipe.to_dict() and again == recipe
-    assert recipe.data.wsi == {"mpp": 0.25, "tile_size": 224, "level": 1}
+    assert recipe.data.slides.target_mpp == [0.25, 1.0] and recipe.data.slides.shares == [0.75, 0.25]
     assert yaml.safe_load(text) == recipe.to_dict()  # plain YAML 1.1 readers see the same (quoted 'no', 'on')
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
@@ -242,7 +243,7 @@ def test_cli_config(recipes, tmp_path, capsys):
     assert main(["config", "demo", "--validate-only"]) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [
         "OK: demo is valid",
-        "  data.train: not set (training needs it, e.g. data.train=/data/tiles)",
+        "  data.train: not set (training needs it, e.g. data.train=/data/tiles, or data.slides.source=SLIDES)",
     ]
     assert main(["config", "demo", "optim.lrr=1"]) == 2
     assert "multiteach config: error: override 'optim.lrr=1'" in capsys.readouterr().err
@@ -321,3 +322,11 @@ def test_validate_only_checks_data_and_weights_paths_without_building(two_folder
     assert f"teachers.uni.weights: {elsewhere / 'w'} does not exist ('w' from the command line" in (
         capsys.readouterr().err
     )
+
+
+def test_a_retired_key_names_what_replaced_it(recipes, tmp_path):
+    with pytest.raises(MultiteachError, match=r"'data.wsi'\. It was replaced by data.slides"):
+        load_recipe("demo", ["data.wsi={mpp: 0.5}"])
+    text = DEMO + "data: {wsi: {mpp: 0.5}}\n"
+    with pytest.raises(MultiteachError, match=r"data.wsi: unknown key\. It was replaced by data.slides"):
+        load_recipe(write(tmp_path / "old.yaml", text))

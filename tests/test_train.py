@@ -60,6 +60,8 @@ def test_a_run_exports_its_live_weights_unless_it_keeps_an_ema_on_purpose(tmp_pa
 
 def test_two_processes_equal_one_process(tmp_path):
     recipe = recipe_yaml(tmp_path)
+    broken = tmp_path / "tiles" / "broken.png"  # read by one rank only; both runs replace it the same way
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     one = cli("train", str(recipe), f"output_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli("train", str(recipe), f"output_dir={tmp_path}/two", launcher=torchrun(2))
@@ -67,6 +69,9 @@ def test_two_processes_equal_one_process(tmp_path):
     assert max_diff(final_weights(tmp_path / "one", 6), final_weights(tmp_path / "two", 6)) < 1e-5
     sums = json.loads((tmp_path / "two" / "ranks.json").read_text())["checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # all ranks hold identical weights
+    for run in ("one", "two"):  # 6 steps x 8 tiles read every one of the 25: the main process lists every rank's
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert [s["what"] for s in summary["skipped"]] == [str(broken)] and summary["skipped_tiles"] == 1
 
 
 def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
@@ -255,12 +260,15 @@ def test_empty_and_all_corrupt_folders(tmp_path):
         train(load_recipe(recipe_yaml(tmp_path), [f"data.train={corrupt}"]))
 
 
-def test_some_corrupt_images_train_and_are_reported(tmp_path):
+def test_some_corrupt_images_train_and_are_reported(tmp_path, caplog):
     tiles = write_tiles(tmp_path / "tiles")
     (tiles / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    run = train(load_recipe(recipe_yaml(tmp_path, steps=2, checkpoint_every=2)))
-    report = json.loads((run / "data.json").read_text())
-    assert report["tiles"] == 24 and [p.endswith("broken.png") for p in report["skipped"]] == [True]
+    with caplog.at_level(logging.INFO, logger="multiteach"):  # 4 steps x 8: the first epoch reads all 25
+        run = train(load_recipe(recipe_yaml(tmp_path, steps=4, checkpoint_every=4)))
+    assert json.loads((run / "data.json").read_text())["tiles"] == 25  # listed, not decoded, at start
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_tiles"] == 1 and summary["skipped"][0]["what"] == str(tiles / "broken.png")
+    assert "skipped unreadable inputs: 1" in caplog.text and "broken.png" in caplog.text
 
 
 def test_a_resumed_run_is_summarised_from_its_step_1_and_a_finished_one_says_so(tmp_path, caplog):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from multiteach.config.checks import _join
+from multiteach.config.checks import _join, retired_hint
 from multiteach.errors import MultiteachError, did_you_mean
 
 T = TypeVar("T")
@@ -42,7 +42,8 @@ def _build(cls: type[T], raw: Any, at: str) -> T:
     for key in raw:
         if key not in names:
             raise MultiteachError(
-                f"{_join(at, key)}: unknown key.{did_you_mean(str(key), names)} Allowed: {', '.join(names)}."
+                f"{_join(at, key)}: unknown key.{retired_hint(_join(at, key)) or did_you_mean(str(key), names)} "
+                f"Allowed: {', '.join(names)}."
             )
     kwargs = {}
     for f in fields(cls):

@@ -14,7 +14,7 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
-from multiteach.config.checks import _join
+from multiteach.config.checks import _join, retired_hint
 from multiteach.config.convert import _hints, _is_mapping_type
 from multiteach.config.recipe import Recipe
 from multiteach.config.yamlio import _Loader
@@ -76,7 +76,8 @@ def _new_key(parts: list[str], value: Any, tp: Any, keys: list[str], at: str, ov
     where = f"under {at!r}" if at else "at the top level"
     hint = f" To add an entry write {at}.NAME={{...}}." if names_map else ""
     raise MultiteachError(
-        f"override {override!r}: unknown key {_join(at, '.'.join(parts))!r}.{_suggest(parts, keys)} "
+        f"override {override!r}: unknown key {_join(at, '.'.join(parts))!r}."
+        f"{retired_hint(_join(at, parts[0])) or _suggest(parts, keys)} "
         f"Known {where}: {', '.join(keys) or 'none'}.{hint}"
     )
 
