@@ -1,5 +1,6 @@
 """The end-of-run summary a person reads: wall time, steps done / planned, images/s, each term first -> last,
-the unreadable inputs skipped (found at start and met while reading) and the health warnings raised; printed, appended to ``train.log`` and written as ``summary.json``.
+the unreadable inputs skipped (found at start and met while reading) and the health warnings raised; printed,
+appended to ``train.log`` and written as ``summary.json``.
 
 A run resumed from a checkpoint is summarised from its step 1: each term's first value comes from the run's
 ``metrics.jsonl`` (the records up to the resume step, :func:`history`), the wall time of the processes before
