@@ -488,6 +488,24 @@ def _data_index(args: argparse.Namespace) -> int:
     return 1 if index.skipped else 0
 
 
+def _data_sample(args: argparse.Namespace) -> int:
+    """``multiteach data sample``: the first N tiles of a recipe's online-patching stream as a coordinate CSV."""
+    from multiteach.config import load_recipe
+    from multiteach.data.sources.slides import open_slide_source, sample_positions
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.data.slides is None:
+        raise MultiteachError(f"{args.recipe}: data.slides is not set; `data sample` freezes an online-patching stream")
+    if args.tiles < 1:
+        raise MultiteachError(f"--tiles: needs at least 1, got {args.tiles}")
+    out, slides = sample_positions(open_slide_source(recipe.data.slides, recipe.seed), args.tiles, args.out)
+    print(
+        f"{args.tiles} tile position(s) from {slides} slide(s) -> {out}; train or build a teacher-feature cache with "
+        f"data.train={out} (and data.slides=null)"
+    )
+    return 0
+
+
 @command("data", "your data at scale: check every tile, save a folder as a list, pack shards, index slides")
 def _data(p: argparse.ArgumentParser):
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -506,10 +524,17 @@ def _data(p: argparse.ArgumentParser):
     for action in (check, listing, shard):
         action.add_argument("--extensions", default="jpg,jpeg,png,tif,tiff", help="image extensions in folders")
     _data_index_args(actions.add_parser("index", help="build the tissue index of slides for data.slides, in parallel"))
+    sample = actions.add_parser("sample", help="freeze positions of a recipe's data.slides stream as a coordinate CSV")
+    sample.add_argument("recipe", help="a recipe with data.slides (built-in name or YAML path)")
+    sample.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. seed=1")
+    sample.add_argument("--tiles", type=int, required=True, metavar="N", help="samples to freeze (stream positions)")
+    sample.add_argument("--out", required=True, metavar="CSV", help="the coordinate CSV to write")
 
     def run(args: argparse.Namespace) -> int:
         if args.action == "index":
             return _data_index(args)
+        if args.action == "sample":
+            return _data_sample(args)
         from multiteach.data.sources import open_tile_source, write_text_list
 
         extensions = [e.strip() for e in args.extensions.split(",") if e.strip()]

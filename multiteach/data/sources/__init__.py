@@ -93,6 +93,6 @@ def cacheable_paths(source: TileSource) -> Sequence[str]:
         raise MultiteachError(
             "cache.dir: a teacher-feature cache stores fixed tiles, and data.slides (online patching) draws new "
             "positions every step. Freeze a sample of positions first (`multiteach data sample RECIPE --tiles N "
-            "--out coords.csv`, then data.train=coords.csv), or train from the slides without a cache."
+            "--out coords.csv`, then data.train=coords.csv data.slides=null), or train from the slides without a cache."
         )
     return paths
