@@ -31,13 +31,17 @@ def slides(tmp_path_factory) -> Path:
     return root
 
 
-def slide_recipe(tmp_path: Path, slides: Path, *extra: str, steps: int = 4, batch: int = 32):
+def slide_overrides(tmp_path: Path, slides: Path, *extra: str) -> list[str]:
     settings = (
         f"{{source: {slides}, target_mpp: [0.5, 1.0], tile_size: 64, thumb_size: {THUMB}, "
         f"index_dir: {tmp_path / 'index'}, tiles_per_visit: 4, samples_per_epoch: 1000}}"
     )
+    return ["data.train=null", f"data.slides={settings}", "data.num_workers=0", *extra]
+
+
+def slide_recipe(tmp_path: Path, slides: Path, *extra: str, steps: int = 4, batch: int = 32):
     path = recipe_yaml(tmp_path, steps=steps, checkpoint_every=steps, batch=batch)
-    return load_recipe(path, ["data.train=null", f"data.slides={settings}", "data.num_workers=0", *extra])
+    return load_recipe(path, slide_overrides(tmp_path, slides, *extra))
 
 
 def batches(recipe, rank: int, world: int, start: int, n: int) -> list[dict]:
@@ -71,8 +75,10 @@ def test_training_from_slides_lists_a_corrupt_slide_and_runs_with_workers(tmp_pa
     for s in slides.iterdir():
         (folder / s.name).symlink_to(s)
     (folder / "corrupt.svs").write_bytes(b"II*\x00 not really a slide" * 100)
-    recipe = slide_recipe(tmp_path, folder, "data.num_workers=2", "data.slides.open_per_worker=1", steps=2, batch=8)
-    run = train(recipe)
+    path = recipe_yaml(tmp_path, steps=2, checkpoint_every=2, batch=8)
+    extra = slide_overrides(tmp_path, folder, "data.num_workers=2", "data.slides.open_per_worker=1")
+    assert main(["train", str(path), *extra]) == 0  # the command line, as a user runs it
+    run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["skipped_tiles"] == 1
     assert summary["skipped"][0]["what"] == str(folder / "corrupt.svs")

@@ -114,10 +114,10 @@ class Recipe:
 
     def check_trainable(self) -> None:
         """Raise unless the recipe names training data and has at least one active loss term."""
-        if self.data.train is None:
+        if self.data.train is None and self.data.slides is None:
             raise MultiteachError(
                 "data.train: required for training: a tile folder, a list file, or a list of them "
-                "(e.g. data.train=/data/tiles)"
+                "(e.g. data.train=/data/tiles), or slides for online patching (data.slides.source=SLIDES)"
             )
         if not self.active_losses():
             raise MultiteachError("losses: no active term (every term is null or has weight 0)")
