@@ -152,10 +152,10 @@ def bench_slides(work: Path, sizes: list[int], env: dict[str, str]) -> dict[int,
     head = f"{'slides':>7} {'index cold s':>12} {'/slide ms':>9} {'1st step warm s':>15}"
     print(f"{head} {'RSS main MB':>12} {'workers MB':>12}")
     out: dict[int, dict] = {}
-    index_dir = work / "index"
-    shutil.rmtree(index_dir, ignore_errors=True)
     for n in sizes:
         folder = slide_corpus(work, n)
+        index_dir = work / f"index_{n}"  # cold: an empty index folder per size
+        shutil.rmtree(index_dir, ignore_errors=True)
         overrides = [f"data.slides.source={folder}", f"data.slides.index_dir={index_dir}", *SLIDE_MPP]
         settings = load_recipe("distill_tiny", overrides).data.slides
         t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def bench_read_speed(work: Path, n_tiles: int = 400) -> dict[str, float]:
     folder = slide_corpus(work, 10)
     overrides = [f"data.slides.source={folder}", f"data.slides.index_dir={work / 'index'}", *SLIDE_MPP]
     recipe = load_recipe("distill_tiny", overrides)
-    source = open_slide_source(recipe.data.slides, recipe.seed)
+    source = open_slide_source(recipe.data.slides, recipe.seed, progress=False)
     source.read(0, 0)  # the first visit opens its slide: part of the measured loop below too
     t0 = time.perf_counter()
     tiles = [source.read(i, 0) for i in range(n_tiles)]

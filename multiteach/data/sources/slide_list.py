@@ -160,8 +160,9 @@ def _number(raw: str, column: str, where: str, minimum_exclusive: bool) -> float
     return value
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[float], list[float]]:
-    """Entries, mpp and weights of a CSV slide list (mpp NaN and weight 1.0 where not given)."""
+def _read_csv(path: Path, what: str = SOURCE_KEY) -> tuple[list[str], list[float], list[float]]:
+    """Entries, mpp and weights of a CSV slide list (mpp NaN and weight 1.0 where not given); ``what`` names the
+    setting or command the list is for, in errors."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -169,7 +170,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[float], list[float]]:
         lowered = [c.lower() for c in columns]
         if "path" not in lowered:
             raise MultiteachError(
-                f"{SOURCE_KEY}: CSV {path} needs a 'path' column (optional: 'mpp', 'weight'); it has: "
+                f"{what}: CSV {path} needs a 'path' column (optional: 'mpp', 'weight'); it has: "
                 f"{', '.join(columns) or 'no header'}." + did_you_mean("path", columns)
             )
         col = {name: lowered.index(name) for name in ("path", "mpp", "weight") if name in lowered}
@@ -180,7 +181,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[float], list[float]]:
             cell = row[col["path"]].strip() if len(row) > col["path"] else ""
             if not cell or cell.startswith("#"):
                 continue
-            where = f"{SOURCE_KEY}: CSV {path} line {line} ({cell})"
+            where = f"{what}: CSV {path} line {line} ({cell})"
             mpp = _number(row[col["mpp"]], "mpp", where, True) if "mpp" in col and len(row) > col["mpp"] else math.nan
             raw_weight = row[col["weight"]] if "weight" in col and len(row) > col["weight"] else ""
             weight = _number(raw_weight, "weight", where, False)
@@ -190,19 +191,40 @@ def _read_csv(path: Path) -> tuple[list[str], list[float], list[float]]:
     return entries, mpps, weights
 
 
-def _read_list(path: Path) -> tuple[list[str], list[float], list[float]]:
+def _read_list(path: Path, what: str = SOURCE_KEY) -> tuple[list[str], list[float], list[float]]:
     """Entries (relative ones joined to the list's folder), mpp and weights of a .txt or .csv list."""
     if _extension(path.name) == "csv":
-        entries, mpps, weights = _read_csv(path)
+        entries, mpps, weights = _read_csv(path, what)
     else:
         with path.open(encoding="utf-8-sig") as fh:
             entries = [s for s in (line.strip() for line in fh) if s and not s.startswith("#")]
         mpps, weights = [math.nan] * len(entries), [1.0] * len(entries)
     if not entries:
-        raise MultiteachError(f"{SOURCE_KEY}: slide list {path} names no slides.")
+        raise MultiteachError(f"{what}: slide list {path} names no slides.")
     base = path.parent
     absolute = [os.path.normpath(os.path.join(base, os.path.expanduser(e))) for e in entries]
     return absolute, mpps, weights
+
+
+def read_slide_csv(path: str | os.PathLike[str], what: str = "slide list") -> tuple[list[str], dict[str, float]]:
+    """The slides of one CSV slide list and the level-0 µm/px its ``mpp`` column gives (``multiteach tile``).
+
+    The form ``data.slides.source`` reads (``path`` relative to the CSV's folder, optional ``mpp`` and
+    ``weight``); slides are returned whether or not they exist, for the caller to report.
+
+    Returns:
+        ``(absolute slide paths in file order, {slide path: mpp} for the rows that give one)``.
+
+    Raises:
+        MultiteachError: Naming the file (and line) when it cannot be read, has no ``path`` column, names no
+            slide, or holds an ``mpp`` that is not a number > 0.
+    """
+    csv_path = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        paths, mpps, _ = _read_list(csv_path, what)
+    except OSError as exc:
+        raise MultiteachError(f"{what} {csv_path}: cannot be read ({exc.strerror or exc})") from None
+    return paths, {p: m for p, m in zip(paths, mpps) if not math.isnan(m)}
 
 
 def _read_one(source: str) -> tuple[list[str], list[float], list[float], bool]:

@@ -124,17 +124,12 @@ class TileListSource:
 
 def no_images_error(folder: Path, extensions: Iterable[str]) -> MultiteachError:
     """The error for a tile folder without images (pointing to ``data.slides`` when it holds slides)."""
-    exts = ", ".join(sorted({e.lower().lstrip(".") for e in extensions}))
-    from multiteach.data.sources.slide_list import SLIDE_EXTENSIONS
+    from multiteach.data.wsi.slide import slides_hint
 
-    slides = walk_folder(folder, SLIDE_EXTENSIONS)
-    hint = ""
-    if len(slides):
-        hint = (
-            f" It holds {len(slides)} whole-slide image(s) (e.g. {Path(slides[0]).name}): train on them directly with "
-            f"data.slides.source={folder} (online patching), or cut tiles first with `multiteach tile`."
-        )
-    return MultiteachError(f"No images found under {str(folder)!r}; allowed extensions: {exts} (at any depth).{hint}")
+    exts = ", ".join(sorted({e.lower().lstrip(".") for e in extensions}))
+    return MultiteachError(
+        f"No images found under {str(folder)!r}; allowed extensions: {exts} (at any depth).{slides_hint(folder)}"
+    )
 
 
 def present_entries(table: PathTable, list_file: Path) -> tuple[PathTable, list[str], int]:

@@ -6,8 +6,6 @@ opens its own slide handles (OpenSlide handles cannot be pickled or shared acros
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from multiteach.data.sources.handles import SlidePool
 from multiteach.data.wsi.plan import TileGrid, _plan_one, _prepare, read_tile
-from multiteach.data.wsi.slide import PathLike, _reason, _slide_errors, logger, open_slide
+from multiteach.data.wsi.slide import PathLike, _reason, _slide_errors, logger
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE
 from multiteach.errors import MultiteachError
 
@@ -98,8 +97,7 @@ class WSITileDataset:
                 f"{target_mpp} µm/px, {tile_size} px; lower min_tissue (--min-tissue) or check the slides."
             )
         self._ends = np.cumsum(counts)
-        self._pid = os.getpid()
-        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._pool = SlidePool(self.max_open)  # each worker process opens its own handles
 
     @property
     def skipped(self) -> list[Path]:
@@ -114,11 +112,6 @@ class WSITileDataset:
     def __len__(self) -> int:
         return int(self._ends[-1])
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()  # handles are not picklable; workers reopen
-        return state
-
     def _locate(self, index: int) -> tuple[int, int]:
         n = len(self)
         if not -n <= index < n:
@@ -132,25 +125,8 @@ class WSITileDataset:
         g, local = self._locate(index)
         return self.grids[g], local
 
-    def _handle(self, slide: str) -> Any:
-        if self._pid != os.getpid():  # forked worker: the inherited handles belong to the parent
-            self._handles = OrderedDict()
-            self._pid = os.getpid()
-        handle = self._handles.get(slide)
-        if handle is None:
-            handle = open_slide(slide)
-            self._handles[slide] = handle
-            while len(self._handles) > self.max_open:
-                _, old = self._handles.popitem(last=False)
-                old.close()
-        else:
-            self._handles.move_to_end(slide)
-        return handle
-
     def _drop(self, slide: str, err: BaseException) -> None:
-        handle = self._handles.pop(slide, None)
-        if handle is not None:
-            handle.close()
+        self._pool.drop(slide)
         if slide not in self._skipped:
             reason = _reason(err)
             self._skipped[slide] = reason
@@ -166,7 +142,7 @@ class WSITileDataset:
             if grid.slide in self._skipped or len(grid) == 0:
                 continue
             try:
-                tile = read_tile(self._handle(grid.slide), grid, local)
+                tile = read_tile(self._pool.get(grid.slide), grid, local)
             except errors as err:
                 self._drop(grid.slide, err)
                 continue
@@ -177,6 +153,4 @@ class WSITileDataset:
 
     def close(self) -> None:
         """Close the slide handles this process opened."""
-        while self._handles:
-            _, handle = self._handles.popitem()
-            handle.close()
+        self._pool.close()

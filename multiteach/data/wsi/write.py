@@ -6,9 +6,6 @@ half-written tile or CSV.
 
 from __future__ import annotations
 
-import csv
-import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from multiteach.atomic import atomic_path
+from multiteach.data.sources.slide_list import read_slide_csv
 from multiteach.data.wsi.plan import CSV_COLUMNS, TileGrid, _plan_one, _prepare, _write_csv, read_tile
 from multiteach.data.wsi.slide import PathLike, _reason, _slide_errors, logger, open_slide
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE
@@ -45,62 +43,6 @@ class TileWriteResult:
         return sum(self.counts.values())
 
 
-def read_slide_csv(path: PathLike) -> tuple[list[str], dict[str, float]]:
-    """The slides of a CSV slide list and their level-0 µm/px, for ``multiteach tile``.
-
-    The form ``data.slides.source`` reads: a ``path`` column (relative paths are taken against the CSV's
-    folder) and an optional ``mpp`` column (level-0 µm/px; an empty cell keeps the slide's metadata, or
-    ``--mpp``); other columns (``weight``) are ignored here. Blank rows and rows whose path starts with ``#``
-    are skipped.
-
-    Args:
-        path: The CSV file.
-
-    Returns:
-        ``(slide paths, {slide path: mpp})``, the paths absolute, in file order.
-
-    Raises:
-        MultiteachError: naming the file (and line) when it cannot be read, has no ``path`` column, names no
-            slide, or holds an ``mpp`` that is not a number > 0.
-    """
-    csv_path = Path(path).expanduser()
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise MultiteachError(f"slide list {csv_path}: cannot be read ({exc.strerror or exc})") from None
-    header = [c.strip().lower() for c in (rows[0] if rows else [])]
-    if "path" not in header:
-        raise MultiteachError(
-            f"slide list {csv_path} needs a 'path' column (optional: 'mpp' in µm/px at level 0, 'weight'); it has: "
-            f"{', '.join(header) or 'no header'}." + did_you_mean("path", header)
-        )
-    col_path, col_mpp = header.index("path"), header.index("mpp") if "mpp" in header else None
-    slides: list[str] = []
-    mpps: dict[str, float] = {}
-    for line, row in enumerate(rows[1:], start=2):
-        cell = row[col_path].strip() if len(row) > col_path else ""
-        if not cell or cell.startswith("#"):
-            continue
-        slide = os.path.normpath(os.path.join(csv_path.parent.absolute(), os.path.expanduser(cell)))
-        slides.append(slide)
-        raw = row[col_mpp].strip() if col_mpp is not None and len(row) > col_mpp else ""
-        if raw:
-            try:
-                mpp = float(raw)
-            except ValueError:
-                mpp = math.nan
-            if not (math.isfinite(mpp) and mpp > 0):
-                raise MultiteachError(
-                    f"slide list {csv_path} line {line} ({cell}): mpp {raw!r} is not allowed; it must be a number > 0 "
-                    "(the slide's level-0 µm/px), or empty to use its metadata."
-                )
-            mpps[slide] = mpp
-    if not slides:
-        raise MultiteachError(f"slide list {csv_path} names no slides.")
-    return slides, mpps
-
-
 def expand_slide_lists(items: Sequence[PathLike]) -> tuple[list[str], dict[str, float]]:
     """``multiteach tile``'s SLIDE arguments: slide files as given, CSV slide lists replaced by their slides.
 
@@ -112,7 +54,7 @@ def expand_slide_lists(items: Sequence[PathLike]) -> tuple[list[str], dict[str, 
     mpps: dict[str, float] = {}
     for item in items:
         if str(item).lower().endswith(".csv"):
-            listed, listed_mpp = read_slide_csv(item)
+            listed, listed_mpp = read_slide_csv(item, "multiteach tile")
             slides += listed
             mpps.update(listed_mpp)
         else:
