@@ -59,23 +59,14 @@ def find_images(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_
         raise missing_path("Image folder", root)
     if not root.is_dir():
         raise MultiteachError(f"Image folder {str(root)!r} is not a folder.")
-    found: list[Path] = []
-    seen: set[str] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # symlink cycle
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and "." in name and name.rsplit(".", 1)[-1].lower() in exts:
-                found.append(Path(folder) / name)
-    if not found:
+    from multiteach.data.sources.paths import walk_folder  # here: the sources package imports this module
+
+    found = walk_folder(root, exts)
+    if not len(found):
         raise MultiteachError(
             f"No images found under {str(root)!r}; allowed extensions: {', '.join(exts)} (at any depth)."
         )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return [Path(p) for p in found]
 
 
 def read_path_list(list_file: str | os.PathLike[str]) -> list[Path]:

@@ -115,24 +115,20 @@ def find_slides(root: str | os.PathLike[str], what: str = SOURCE_KEY) -> list[st
         MultiteachError: If the folder holds no slide (naming it, the extensions looked for and, when it holds
             JPEG/PNG images, that those go in ``data.train``).
     """
+    from multiteach.data.sources.paths import walk_folder
+
     root_path = Path(os.path.abspath(Path(root).expanduser()))
     found: list[str] = []
-    tiles = 0
-    seen: set[str] = set()
-    for folder, dirs, files in os.walk(root_path, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # symlink cycle
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        names = sorted(n for n in files if _is_slide_name(n))
-        dicom = [n for n in names if _extension(n) == "dcm"]
-        names = [n for n in names if _extension(n) != "dcm"] + dicom[:1]
-        found += [os.path.join(folder, n) for n in names]
-        if not names:
-            tiles += sum(1 for n in files if not n.startswith(".") and _extension(n) in _TILE_EXTENSIONS)
+    dicom_folders: set[str] = set()
+    for path in walk_folder(root_path, SLIDE_EXTENSIONS):
+        if _extension(path) == "dcm":  # one slide per folder of DICOM files: its first file
+            folder = os.path.dirname(path)
+            if folder in dicom_folders:
+                continue
+            dicom_folders.add(folder)
+        found.append(path)
     if not found:
+        tiles = len(walk_folder(root_path, _TILE_EXTENSIONS))
         hint = (
             f" It holds {tiles} JPEG/PNG image(s): pre-extracted tiles are read with data.train, not data.slides."
             if tiles
@@ -142,7 +138,7 @@ def find_slides(root: str | os.PathLike[str], what: str = SOURCE_KEY) -> list[st
             f"{what}: no slides in folder {root_path} (looked for {', '.join('.' + e for e in SLIDE_EXTENSIONS)} "
             f"at any depth; hidden files ignored).{hint}"
         )
-    return sorted(found)  # every path starts with root/: the order of the paths relative to it
+    return found
 
 
 def _number(raw: str, column: str, where: str, minimum_exclusive: bool) -> float:
