@@ -14,6 +14,7 @@ from PIL import Image
 from multiteach.config import load_recipe
 from multiteach.data.loader import GlobalBatchSampler
 from multiteach.data.sources import PathTable, open_tile_source, read_list, walk_folder, write_text_list
+from multiteach.data.sources.coords import write_coord_csv
 from multiteach.data.sources.tiles import TileListSource
 from multiteach.data.tiles import find_images
 from multiteach.errors import MultiteachError
@@ -166,6 +167,15 @@ def test_trident_and_clam_coordinate_files_read_their_slides_and_train(tmp_path,
     recipe = recipe_yaml(tmp_path, steps=2, checkpoint_every=2, batch=4)
     run = train(load_recipe(recipe, [f"data.train={coords}", f"data.slide_dir={slides}", "data.num_workers=0"]))
     assert json.loads((run / "data.json").read_text())["kind"] == "coords"
+    broken = slides / "broken.svs"  # a slide that fails when read: its tile is replaced by the next slide's
+    broken.write_bytes(b"II*\x00" + b"\0" * 4096)
+    cmu = str(slides / "CMU-1-Small-Region.svs")
+    listing = write_coord_csv(
+        [(str(broken), 0, 0, 448.0, 224, 1.0), (cmu, 448, 448, 448.0, 224, 1.0)], tmp_path / "c.csv"
+    )
+    frozen = open_tile_source([listing], ["jpg"])
+    tile = frozen.read(0, 0)
+    assert tile.provenance == f"{cmu}@448,448@1" and [w for w, _ in tile.skipped] == [str(broken)]
 
 
 def test_webdataset_shards_round_trip_and_train(tmp_path, monkeypatch):
@@ -180,6 +190,13 @@ def test_webdataset_shards_round_trip_and_train(tmp_path, monkeypatch):
         assert np.array_equal(np.asarray(source.read(i, 0).image), np.asarray(Image.open(originals[i]).convert("RGB")))
     assert not list((tmp_path / "shards").glob("*.npz"))  # offsets live in the index folder, not beside the data
     assert len(list((tmp_path / "index" / "shards").glob("*.npz"))) == 3
+    shard, offset = source.shards[int(source.shard_of[7])], int(source.offsets[7])
+    with open(shard, "r+b") as f:  # a damaged member: replaced by the next one and reported with it
+        f.seek(offset)
+        f.write(b"\0" * 64)
+    tile = source.read(7, 0)
+    assert np.array_equal(np.asarray(tile.image), np.asarray(Image.open(originals[8]).convert("RGB")))
+    assert [w for w, _ in tile.skipped] == [f"{shard}@{offset}"] and source.read(7, 0).skipped == ()
 
 
 def test_data_check_lists_bad_tiles_and_writes_the_good_ones(tmp_path):

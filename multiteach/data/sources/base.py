@@ -15,6 +15,7 @@ Sources:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from PIL import Image
@@ -63,3 +64,42 @@ class TileSource(Protocol):
         """JSON-ready facts for the run's ``data.json``: at least ``kind``, ``source``, ``samples`` and
         ``skipped`` (``[{"what": ..., "reason": ...}]`` found before training started)."""
         ...
+
+
+def read_or_next(
+    index: int,
+    n: int,
+    attempt: Callable[[int], tuple[Image.Image, str] | None],
+    errors: type[BaseException] | tuple[type[BaseException], ...],
+    on_error: Callable[[int, BaseException], tuple[str, str]],
+    gave_up: str,
+) -> SourceTile:
+    """Tile ``index`` of a finite source, or the first readable one after it (wrapping around).
+
+    The shared rule of the finite sources: an unreadable input is replaced by the next readable tile and
+    reported with the tile (``SourceTile.skipped``), so one bad file never stops a run.
+
+    Args:
+        index: The tile asked for, in ``[0, n)``.
+        n: Tiles in the source.
+        attempt: Reads tile ``i``: ``(image, provenance)``, or None to pass over a tile known to be bad.
+        errors: The exceptions that mean "unreadable" (anything else propagates).
+        on_error: Records a failure of tile ``i`` and returns the ``(what, reason)`` to report.
+        gave_up: The message when no tile is readable.
+
+    Raises:
+        MultiteachError: ``gave_up``, when every tile failed.
+    """
+    from multiteach.errors import MultiteachError
+
+    skipped: list[tuple[str, str]] = []
+    for offset in range(n):
+        i = (index + offset) % n
+        try:
+            got = attempt(i)
+        except errors as err:
+            skipped.append(on_error(i, err))
+            continue
+        if got is not None:
+            return SourceTile(got[0], got[1], tuple(skipped))
+    raise MultiteachError(gave_up)

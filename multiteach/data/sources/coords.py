@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from multiteach.data.sources.base import SourceTile
+from multiteach.data.sources.base import SourceTile, read_or_next
 from multiteach.data.sources.handles import SlidePool
 from multiteach.data.wsi.slide import _background, _composite, _reason, _slide_errors, choose_level
 from multiteach.errors import MultiteachError, did_you_mean
@@ -191,22 +191,22 @@ class CoordSource:
 
     def read(self, index: int, epoch: int) -> SourceTile:
         """Tile ``index`` read from its slide (the next readable slide's tile when its slide fails)."""
-        n, errors = len(self), _slide_errors()
-        skipped: list[tuple[str, str]] = []
-        for offset in range(n):
-            i = (index + offset) % n
-            s = int(self.table.slide_of[i])
-            if s in self._bad:
-                continue
-            try:
-                return SourceTile(self._read(i), self.table.provenance(i), tuple(skipped))
-            except errors as err:
-                reason = _reason(err)
-                self._bad[s] = reason
-                self.pool.drop(self.table.slides[s])
-                skipped.append((self.table.slides[s], reason))
-                logger.warning("skipping unreadable slide %s (%s)", self.table.slides[s], reason)
-        raise MultiteachError(f"All {len(self.table.slides)} slide(s) of {self.source!r} are unreadable; see the log.")
+        return read_or_next(
+            index,
+            len(self),
+            lambda i: None if int(self.table.slide_of[i]) in self._bad else (self._read(i), self.table.provenance(i)),
+            _slide_errors(),
+            self._failed,
+            f"All {len(self.table.slides)} slide(s) of {self.source!r} are unreadable; see the log.",
+        )
+
+    def _failed(self, i: int, err: BaseException) -> tuple[str, str]:
+        s = int(self.table.slide_of[i])
+        reason = _reason(err)
+        self._bad[s] = reason
+        self.pool.drop(self.table.slides[s])
+        logger.warning("skipping unreadable slide %s (%s)", self.table.slides[s], reason)
+        return self.table.slides[s], reason
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``data.json``."""

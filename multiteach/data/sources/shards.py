@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from multiteach.atomic import atomic_path
-from multiteach.data.sources.base import SourceTile
+from multiteach.data.sources.base import SourceTile, read_or_next
 from multiteach.data.tiles import IMAGE_ERRORS
 from multiteach.errors import MultiteachError
 
@@ -138,26 +138,31 @@ class ShardSource:
 
     def read(self, index: int, epoch: int) -> SourceTile:
         """Member ``index`` decoded as RGB (the next readable member when it cannot be read or decoded)."""
-        n = len(self)
-        skipped: list[tuple[str, str]] = []
-        for k in range(n):
-            i = (index + k) % n
-            if i in self._bad:
-                continue
-            shard, offset = int(self.shard_of[i]), int(self.offsets[i])
-            where = f"{self.shards[shard]}@{offset}"
-            try:
-                data = os.pread(self._fd(shard), int(self.sizes[i]), offset)
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-                    image = im.convert("RGB")
-            except IMAGE_ERRORS as err:
-                self._bad.add(i)
-                skipped.append((where, f"{type(err).__name__}: {err}"))
-                logger.warning("skipping unreadable shard member %s (%s: %s)", where, type(err).__name__, err)
-                continue
-            return SourceTile(image, where, tuple(skipped))
-        raise MultiteachError(f"All {n} tiles of {self.source!r} are unreadable; see the log.")
+        return read_or_next(
+            index,
+            len(self),
+            self._attempt,
+            IMAGE_ERRORS,
+            self._failed,
+            f"All {len(self)} tiles of {self.source!r} are unreadable; see the log.",
+        )
+
+    def _where(self, i: int) -> str:
+        return f"{self.shards[int(self.shard_of[i])]}@{int(self.offsets[i])}"
+
+    def _attempt(self, i: int) -> tuple[Image.Image, str] | None:
+        if i in self._bad:
+            return None
+        data = os.pread(self._fd(int(self.shard_of[i])), int(self.sizes[i]), int(self.offsets[i]))
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB"), self._where(i)
+
+    def _failed(self, i: int, err: BaseException) -> tuple[str, str]:
+        self._bad.add(i)
+        where, reason = self._where(i), f"{type(err).__name__}: {err}"
+        logger.warning("skipping unreadable shard member %s (%s)", where, reason)
+        return where, reason
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``data.json``."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from multiteach.data.sources.base import SourceTile
+from multiteach.data.sources.base import SourceTile, read_or_next
 from multiteach.data.sources.paths import PathTable, read_list, walk_folder
 from multiteach.data.tiles import IMAGE_ERRORS, IMAGE_EXTENSIONS, load_rgb
 from multiteach.errors import MultiteachError
@@ -93,22 +93,26 @@ class TileListSource:
         Raises:
             MultiteachError: Every file is unreadable.
         """
-        n = len(self.table)
-        skipped: list[tuple[str, str]] = []
-        for offset in range(n):
-            i = (index + offset) % n
-            if i in self._bad:
-                continue
-            path = self.table[i]
-            try:
-                image = load_rgb(path)
-            except IMAGE_ERRORS as err:
-                self._bad.add(i)
-                skipped.append((path, f"{type(err).__name__}: {err}"))
-                logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
-                continue
-            return SourceTile(image, path, tuple(skipped))
-        raise MultiteachError(f"All {n} image(s) from {self.source!r} are unreadable or corrupt; see the log.")
+        return read_or_next(
+            index,
+            len(self.table),
+            self._attempt,
+            IMAGE_ERRORS,
+            self._failed,
+            f"All {len(self.table)} image(s) from {self.source!r} are unreadable or corrupt; see the log.",
+        )
+
+    def _attempt(self, i: int) -> tuple[Image.Image, str] | None:
+        if i in self._bad:
+            return None
+        path = self.table[i]
+        return load_rgb(path), path
+
+    def _failed(self, i: int, err: BaseException) -> tuple[str, str]:
+        self._bad.add(i)
+        path, reason = self.table[i], f"{type(err).__name__}: {err}"
+        logger.warning("skipping unreadable image %s (%s)", path, reason)
+        return path, reason
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``data.json``."""
