@@ -387,7 +387,11 @@ def _eval(p: argparse.ArgumentParser):
         help="local weights of a teacher model (MODEL=PATH when several teachers are named; repeatable)",
     )
     p.add_argument("--random-init", action="store_true", help="teacher models get random weights (a baseline)")
-    p.add_argument("--live", action="store_true", help="run directories: live weights instead of the EMA")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="run directories: the live weights even when the recipe kept an EMA (train.keep_ema)",
+    )
     p.add_argument("--probe-c", default="auto", help="linear-probe C: auto (inner CV, default) or a number")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--max-images", type=int, default=64, metavar="N", help="images for robustness/fidelity (64)")

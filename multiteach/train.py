@@ -19,6 +19,7 @@ Accelerate's plugins, sharded optimiser state and checkpoint writing live in :mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -188,7 +189,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
         return _already_finished(acc, recipe, run_dir, last)
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
-    tiles = training_source(recipe)
+    # with slides the main process builds a missing tissue index first; the other processes then load it warm
+    with acc.main_process_first() if recipe.data.slides is not None else contextlib.nullcontext():
+        tiles = training_source(recipe)
     # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
     cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
     # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
