@@ -17,8 +17,9 @@ from multiteach.data.sources import cacheable_paths, open_tile_source
 from multiteach.errors import MultiteachError
 from multiteach.train import train
 
-from .engine_fixtures import recipe_yaml
+from .engine_fixtures import cli, recipe_yaml, torchrun
 from .test_online_patching import THUMB, write_pyramid
+from .test_train import final_weights, max_diff
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,16 @@ def test_a_frozen_sample_of_the_stream_is_a_cacheable_coordinate_list(tmp_path, 
     assert main(["cache", *frozen_run]) == 0 and "200 tiles x 1 views of uni" in capsys.readouterr().out
     run = train(load_recipe(frozen_run[0], [*frozen_run[1:], "schedule.steps=2", "data.num_workers=0"]))
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_two_processes_train_from_slides_as_one_and_share_one_index(tmp_path, slides):
+    path = recipe_yaml(tmp_path, steps=4, checkpoint_every=4, batch=8)
+    over = slide_overrides(tmp_path, slides, "data.num_workers=1")
+    two = cli("train", str(path), *over, f"output_dir={tmp_path}/two", launcher=torchrun(2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = cli("train", str(path), *over, f"output_dir={tmp_path}/one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_diff(final_weights(tmp_path / "one", 4), final_weights(tmp_path / "two", 4)) < 1e-5
+    index = [json.loads((tmp_path / r / "data.json").read_text())["index"] for r in ("two", "one")]
+    assert (index[0]["built"], index[1]["built"], index[1]["reused"]) == (2, 0, 2)
+    assert two.stderr.count("tissue index:   0%") == 1  # one process built it; the other loaded it warm (no bar)
