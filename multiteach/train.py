@@ -185,8 +185,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 1. the run directory: refuse a different recipe, find where to resume ----------------------
     digest = recipe_hash(recipe)
     last = _resume_from(run_dir, digest, resume)
-    if last is not None and json.loads((last / "state.json").read_text())["step"] >= recipe.schedule.steps:
-        return _already_finished(acc, recipe, run_dir, last)
+    saved = json.loads((last / "state.json").read_text()) if last is not None else {}
+    if last is not None and saved["step"] >= recipe.schedule.steps:
+        return _already_finished(acc, recipe, run_dir, last, saved)
 
     # --- 2. data first: a bad folder fails before any model is built --------------------------------
     # with slides the main process builds a missing tissue index first; the other processes then load it warm
@@ -325,14 +326,16 @@ def _accelerator(recipe: Any) -> Accelerator:
     return acc
 
 
-def _already_finished(acc: Accelerator, recipe: Any, run_dir: Path, last: Path) -> Path:
+def _already_finished(acc: Accelerator, recipe: Any, run_dir: Path, last: Path, state: dict[str, Any]) -> Path:
     """A re-run of a run that already reached ``schedule.steps``: say so and print its stored summary.
+
+    Args:
+        state: The last checkpoint's ``state.json``.
 
     Returns:
         The run directory (nothing is built or trained).
     """
     if acc.is_main_process:
-        state = json.loads((last / "state.json").read_text())
         summary = stored_summary(run_dir, state, recipe.schedule.steps)
         log.info(
             "%s already finished (%d of %d steps, checkpoint %s); nothing to train. Its summary (summary.json):\n%s",

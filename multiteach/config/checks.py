@@ -111,11 +111,11 @@ def _check_term(term: str, cfg: Mapping[str, Any], teachers: Collection[str], ro
 
 #: Keys an older multiteach accepted, with what replaced them (named in the unknown-key error).
 RETIRED_KEYS = {
-    "data.wsi": "it was replaced by data.slides (online patching from whole-slide images), "
+    "data.wsi": "It was replaced by data.slides (online patching from whole-slide images), "
     "e.g. data.slides.source=SLIDES data.slides.target_mpp=[0.5]",
 }
 
 
 def retired_hint(path: str) -> str:
     """`` It was replaced by ...`` for a retired key, else an empty string."""
-    return f" {RETIRED_KEYS[path][0].upper()}{RETIRED_KEYS[path][1:]}." if path in RETIRED_KEYS else ""
+    return f" {RETIRED_KEYS[path]}." if path in RETIRED_KEYS else ""

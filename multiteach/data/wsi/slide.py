@@ -37,10 +37,6 @@ MPP_TOLERANCE = 0.01
 PLAUSIBLE_MPP = (0.05, 10.0)  # outside this, a value is more likely a magnification (20x) than µm/px
 
 
-# Slide formats OpenSlide reads that are not also tile image formats (a .tif may be either).
-_SLIDE_ONLY_EXTENSIONS = (".bif", ".dcm", ".mrxs", ".ndpi", ".scn", ".svs", ".svslide", ".vms", ".vmu")
-
-
 def slides_hint(folder: PathLike) -> str:
     """A sentence for a "no images found" error when ``folder`` holds whole-slide images instead of tiles.
 
@@ -51,18 +47,19 @@ def slides_hint(folder: PathLike) -> str:
         ``" It holds whole-slide images (e.g. NAME): ..."`` naming ``data.slides.source=FOLDER`` and
         ``multiteach tile``, or ``""`` when it holds none.
     """
-    root = Path(folder).expanduser()
-    for _, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found = sorted(f for f in files if not f.startswith(".") and f.lower().endswith(_SLIDE_ONLY_EXTENSIONS))
-        if found:
-            ext = Path(found[0]).suffix
-            return (
-                f" It holds whole-slide images (e.g. {found[0]}), not tiles: patch them during training with "
-                f"data.slides.source={folder} (instead of data.train), or cut tiles once with "
-                f"`multiteach tile {folder}/*{ext} --out TILES` and set data.train=TILES."
-            )
-    return ""
+    from multiteach.data.sources.paths import walk_folder  # here: the sources package imports this module
+    from multiteach.data.sources.slide_list import SLIDE_EXTENSIONS
+
+    slide_only = [e for e in SLIDE_EXTENSIONS if e not in ("tif", "tiff")]  # a .tif may be a tile as well
+    found = walk_folder(Path(folder).expanduser(), slide_only)
+    if not len(found):
+        return ""
+    name = Path(found[0]).name
+    return (
+        f" It holds whole-slide images (e.g. {name}), not tiles: patch them during training with "
+        f"data.slides.source={folder} (instead of data.train), or cut tiles once with "
+        f"`multiteach tile {folder}/*{Path(name).suffix} --out TILES` and set data.train=TILES."
+    )
 
 
 def _import_openslide() -> Any:
