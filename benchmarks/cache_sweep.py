@@ -43,7 +43,7 @@ from accelerate.utils import set_seed
 from multiteach.build import build_teachers, training_source
 from multiteach.cache import FeatureCache, open_cache, write_cache
 from multiteach.config import load_recipe
-from multiteach.data.multicrop import apply_view
+from multiteach.data.views.multicrop import apply_view
 from multiteach.train import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -146,7 +146,7 @@ def bench_tiles(work: Path, sizes: list[int], env: dict[str, str]) -> dict[int, 
 def bench_slides(work: Path, sizes: list[int], env: dict[str, str]) -> dict[int, dict]:
     from multiteach.config import load_recipe
     from multiteach.data.index import build_index
-    from multiteach.data.sources.slide_list import read_slide_list
+    from multiteach.data.lists.slide_list import read_slide_list
 
     print("== slides (symbolic links, each to its own hard link of one of the 2 shared slides; online patching)")
     head = f"{'slides':>7} {'index cold s':>12} {'/slide ms':>9} {'1st step warm s':>15}"
@@ -176,8 +176,8 @@ def bench_read_speed(work: Path, n_tiles: int = 400) -> dict[str, float]:
     import torch
 
     from multiteach.config import load_recipe
-    from multiteach.data.sources.slides import open_slide_source
-    from multiteach.data.tiles import load_rgb
+    from multiteach.data.online import open_slide_source
+    from multiteach.data.lists.images import load_rgb
     from multiteach.data.wsi.slide import open_slide
 
     torch.set_num_threads(1)

@@ -18,7 +18,7 @@ In one run, on this machine:
    linear-probe (one CV fold seed: the slow part) balanced accuracy per set and their mean; kNN on the
    grey tiles (colour removed), and a colour-only baseline (per-image RGB mean and std), so a student that
    stops reading a set's colour cue is told apart from one that lost tissue knowledge; and at **held-out
-   severities** (:func:`multiteach.data.perturb.heldout_suite`: every kind of the family at 1.25x, 1.5x and 2x
+   severities** (:func:`multiteach.data.views.perturb.heldout_suite`: every kind of the family at 1.25x, 1.5x and 2x
    beyond the training ranges) matched cosine and top-1 retrieval of each perturbed image's clean twin among all
    2N - 1 other embeddings (PLISM protocol), over the trained kinds and over all kinds, and the robustness index;
 4. prints the per-model table, the curve (and writes it as a PNG: kNN vs held-out top-1 on the trained kinds, the
@@ -43,7 +43,7 @@ import torch
 from knowledge_transfer import TEACHER, distil
 
 from multiteach.config import load_recipe
-from multiteach.data.perturb import HELDOUT_FACTORS, ORDER, heldout_suite
+from multiteach.data.views.perturb import HELDOUT_FACTORS, ORDER, heldout_suite
 from multiteach.eval.embed import load_images, resolve_model
 from multiteach.eval.knn import knn_cv, knn_eval
 from multiteach.eval.robustness import copies_ri, plism_pair_metrics

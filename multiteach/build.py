@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 
 from multiteach.config import path_rule
 from multiteach.data.loader import GlobalBatchSampler, SeededMultiCrop, worker_init
-from multiteach.data.multicrop import MultiCropTransform, collate_multicrop
-from multiteach.data.perturb import RobustViews
+from multiteach.data.online import open_slide_source
 from multiteach.data.sources import TileSource, open_tile_source
+from multiteach.data.views.multicrop import MultiCropTransform, collate_multicrop
+from multiteach.data.views.perturb import RobustViews
 from multiteach.errors import MultiteachError, missing_path
 from multiteach.losses import CompositeLoss, active_teachers, build_loss
 from multiteach.model import DistillModel
@@ -171,8 +172,6 @@ def training_source(recipe: Any) -> TileSource:
     (an unreadable tile is skipped when read; ``multiteach data check`` scans them all on demand).
     """
     if recipe.data.slides is not None:
-        from multiteach.data.sources.slides import open_slide_source
-
         return open_slide_source(recipe.data.slides, recipe.seed)
     sources = recipe.data.train if isinstance(recipe.data.train, (list, tuple)) else [recipe.data.train]
     if not sources or sources == [None]:

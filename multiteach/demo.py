@@ -23,8 +23,8 @@ import torch
 from multiteach.atomic import atomic_write_bytes
 from multiteach.build import build_student_from
 from multiteach.config import load_recipe
-from multiteach.data.tiles import find_images
-from multiteach.data.wsi import write_tiles
+from multiteach.data.lists.images import find_images
+from multiteach.data.tiling import write_tiles
 from multiteach.eval.embed import load_images, resolve_model
 from multiteach.eval.transfer import embed_images, student_embedder, teacher_agreement
 from multiteach.publish import export_run

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from multiteach.atomic import atomic_write_text
 from multiteach.curves import write_run_curves
-from multiteach.data.perturb import StrengthLog
+from multiteach.data.views.perturb import StrengthLog
 from multiteach.health import FlatTermWatch, check_standardizers, check_teacher_outputs
 from multiteach.run_summary import STATE_KEY, RunSummary, history
 from multiteach.run_summary import render as render_summary

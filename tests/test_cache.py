@@ -24,7 +24,7 @@ from multiteach.cache import (
 from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.data.loader import SeededMultiCrop, cached_view
-from multiteach.data.multicrop import apply_view, collate_multicrop
+from multiteach.data.views.multicrop import apply_view, collate_multicrop
 from multiteach.errors import MultiteachError
 from multiteach.standins import save_timm_folder, tiny_timm
 from multiteach.teachers.base import IMAGENET_MEAN, IMAGENET_STD

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from multiteach.data.augment import hed_to_rgb
+from multiteach.data.views.augment import hed_to_rgb
 from multiteach.errors import MultiteachError
 from multiteach.eval import (
     comparison_chart,

@@ -12,7 +12,7 @@ import multiteach.teachers.shipped as shipped
 from multiteach.build import build_student_from
 from multiteach.cli import main
 from multiteach.config import load_recipe
-from multiteach.data.tiles import find_images
+from multiteach.data.lists.images import find_images
 from multiteach.data.wsi import write_tiles
 from multiteach.demo import slide_path
 from multiteach.errors import MultiteachError

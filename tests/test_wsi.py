@@ -20,20 +20,9 @@ import torch
 from PIL import Image
 
 from multiteach.cli import main
-from multiteach.data.augment import to_tensor01
-from multiteach.data.wsi import (
-    CSV_COLUMNS,
-    TileGrid,
-    WSITileDataset,
-    choose_level,
-    open_slide,
-    otsu_threshold,
-    plan_tiles,
-    read_tile,
-    slide_mpp,
-    tissue_mask,
-    write_tiles,
-)
+from multiteach.data.views.augment import to_tensor01
+from multiteach.data.tiling import CSV_COLUMNS, TileGrid, WSITileDataset, plan_tiles, read_tile, write_tiles
+from multiteach.data.wsi import choose_level, open_slide, otsu_threshold, slide_mpp, tissue_mask
 from multiteach.errors import MultiteachError
 
 WSI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
@@ -390,7 +379,7 @@ def test_cli_tile_reads_per_slide_mpp_from_a_csv_and_exits_1_when_some_slides_ar
 
 
 def test_slides_hint_names_data_slides_and_multiteach_tile(tmp_path: Path) -> None:
-    from multiteach.data.wsi import slides_hint
+    from multiteach.data.lists.slide_list import slides_hint
 
     (tmp_path / "tiles").mkdir()
     (tmp_path / "tiles" / "a.png").write_bytes(b"")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from multiteach.build import training_source
 from multiteach.cache.key import cache_key, stale_reasons
 from multiteach.cache.layout import FORMAT, INDEX, META_KEY, SHARD_RE
-from multiteach.data.multicrop import ViewParams
+from multiteach.data.views.multicrop import ViewParams
 from multiteach.errors import MultiteachError
 from multiteach.losses import active_teachers
 from multiteach.teachers.base import Teacher, TeacherOutput, TeacherSpec

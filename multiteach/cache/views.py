@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from multiteach.data.multicrop import MultiCropTransform, ViewParams, apply_view
+from multiteach.data.views.multicrop import MultiCropTransform, ViewParams, apply_view
 
 __all__ = ["TileViews", "cache_view_params", "view_seed"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from multiteach.data.perturb import DEFAULT_RANGES, check_ranges
+from multiteach.data.views.perturb import DEFAULT_RANGES, check_ranges
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.losses import check_term
 

@@ -7,14 +7,18 @@ readable tiles of a path list as a new list, so a corpus checked once can be tra
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from multiteach.data.lists.paths import write_text_list
+from multiteach.errors import MultiteachError
+from multiteach.processes import worker_context
 
 _SOURCE: Any = None  # the source each worker process reads (set by the pool initializer)
 
@@ -65,10 +69,6 @@ def check_source(source: Any, processes: int = 2, chunk: int = 512, progress: bo
     A tile whose read had to skip unreadable inputs reports them (its ``SourceTile.skipped``); each unreadable
     input is counted once, at the first index that met it.
     """
-    import time
-
-    from tqdm import tqdm
-
     n = len(source)
     t0 = time.perf_counter()
     spans = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
@@ -81,7 +81,7 @@ def check_source(source: Any, processes: int = 2, chunk: int = 512, progress: bo
             _collect(found, bad)
             bar.update(hi - lo)
     else:
-        with mp.get_context("fork").Pool(processes, initializer=_init, initargs=(source,)) as pool:
+        with worker_context().Pool(processes, initializer=_init, initargs=(source,)) as pool:
             for (lo, hi), bad in zip(spans, pool.imap(_check_chunk, spans)):
                 _collect(found, bad)
                 bar.update(hi - lo)
@@ -102,19 +102,9 @@ def _collect(found: dict[str, tuple[int, str]], bad: list[tuple[int, str, str]])
 
 def good_list(source: Any, report: CheckReport, out: str | os.PathLike[str]) -> Path:
     """Write the readable tiles of a path-list source (every path not reported bad) as a text list."""
-    from multiteach.data.sources.paths import write_text_list
-    from multiteach.errors import MultiteachError
-
     table = getattr(source, "table", None)
     if table is None or not hasattr(table, "select"):
         raise MultiteachError("--out-good writes a path list; it works for tile folders and lists only")
     bad_paths = {what for what, _ in report.bad}
     keep = np.fromiter((table[i] not in bad_paths for i in range(len(table))), dtype=bool, count=len(table))
     return write_text_list(table.select(keep), out)
-
-
-def open_for_check(paths: Sequence[str], extensions: Sequence[str], slide_dir: str | None) -> Any:
-    """The source ``data.train=PATHS`` would train from (tile folders/lists, coordinates, shards)."""
-    from multiteach.data.sources import open_tile_source
-
-    return open_tile_source(paths, extensions, slide_dir)

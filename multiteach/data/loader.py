@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from multiteach.data.masking import sample_ibot_masks
-from multiteach.data.multicrop import MultiCropTransform, apply_view
-from multiteach.data.perturb import ORDER, RobustViews
 from multiteach.data.sources.base import TileSource
+from multiteach.data.views.masking import sample_ibot_masks
+from multiteach.data.views.multicrop import MultiCropTransform, apply_view
+from multiteach.data.views.perturb import ORDER, RobustViews
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -49,7 +49,7 @@ class SeededMultiCrop(Dataset):
         ``{"global": [n_global x (3, G, G)], "local": [n_local x (3, L, L)], "masks"?: (n_global, h*w) bool}``
         with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (2,) int64]`` (tile, view); with
         ``robust`` also ``"student_global": [n_global x (3, G, G)]`` and ``"robust": [n_global x (5,)]``
-        (strength per perturbation in :data:`multiteach.data.perturb.ORDER`, 0 = not applied); ``"skipped"``:
+        (strength per perturbation in :data:`multiteach.data.views.perturb.ORDER`, 0 = not applied); ``"skipped"``:
         ``(what, reason)`` pairs of unreadable files or slides the source replaced while producing this tile.
     """
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from multiteach.data.tiles import IMAGE_ERRORS, labelled_folder, verify_image
+from multiteach.data.lists.images import IMAGE_ERRORS, labelled_folder, verify_image
 from multiteach.errors import MultiteachError, did_you_mean, missing_path
 from multiteach.eval.knn import knn_cv, knn_eval
 from multiteach.eval.linear import linear_probe, linear_probe_cv

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multiteach.data.perturb import blur, check_images, hed_shift, heldout_suite, jpeg_compress, scanner_colour
+from multiteach.data.views.perturb import blur, check_images, hed_shift, heldout_suite, jpeg_compress, scanner_colour
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.eval.knn import as_features, as_labels, check_classes, check_same_dim
 
@@ -323,7 +323,7 @@ SUITES: tuple[str, ...] = ("standard", "heldout")
 
 def robustness_suite(name: str, seed: int = 0) -> dict[str, Callable[[Tensor], Tensor]]:
     """The named perturbation suite: ``standard`` (:func:`perturbation_suite`) or ``heldout``
-    (:func:`multiteach.data.perturb.heldout_suite`, severities beyond the default robust-view training ranges)."""
+    (:func:`multiteach.data.views.perturb.heldout_suite`, severities beyond the default robust-view training ranges)."""
     if name == "standard":
         return perturbation_suite(seed)
     if name == "heldout":

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from multiteach.data.tiles import find_images
+from multiteach.data.lists.images import find_images
 from multiteach.errors import MultiteachError
 from multiteach.eval.embed import embed_folder, load_images, model_kind, resolve_model
 from multiteach.eval.fidelity import teacher_fidelity
@@ -177,7 +177,7 @@ def evaluate(
         robustness_size: Square size the robustness images are read at (the perturbations act at this
             size, the same for every model; each model then resizes to its own input size).
         perturbations: ``"standard"`` (:func:`~multiteach.eval.robustness.perturbation_suite`) or ``"heldout"``
-            (:func:`~multiteach.data.perturb.heldout_suite`: the robust-view family at severities beyond its
+            (:func:`~multiteach.data.views.perturb.heldout_suite`: the robust-view family at severities beyond its
             default training ranges, so a student trained with ``data.robust_views`` is not scored on its
             training distribution). With robustness on, the robustness index (RI) is also computed on up to
             ``max_images`` labelled images: each clean and perturbed copy is a "site", the class the biology.

@@ -1,7 +1,7 @@
 """Training sources: one small module per way in, each mapping ``(index, epoch)`` to one RGB tile + provenance.
 
 See :mod:`multiteach.data.sources.base` for the contract. :func:`open_tile_source` picks the source for
-``data.train`` entries; online patching (``data.slides``) is :func:`multiteach.data.sources.slides.open_slide_source`.
+``data.train`` entries; online patching (``data.slides``) sits a floor above, in :mod:`multiteach.data.online`.
 """
 
 from __future__ import annotations
@@ -10,15 +10,25 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from multiteach.data.lists.paths import PathTable, read_list, walk_folder, write_text_list
 from multiteach.data.sources.base import SourceTile, TileSource
-from multiteach.data.sources.paths import PathTable, read_list, walk_folder, write_text_list
+from multiteach.data.sources.coords import CoordSource, CoordTable, read_coord_csv
+from multiteach.data.sources.shards import ShardSource
+from multiteach.data.sources.tile_dataset import TileDataset
 from multiteach.data.sources.tiles import TileListSource
+from multiteach.data.sources.trident import TridentSource
+from multiteach.errors import MultiteachError
 
 __all__ = [
+    "CoordSource",
+    "CoordTable",
     "PathTable",
+    "ShardSource",
     "SourceTile",
+    "TileDataset",
     "TileListSource",
     "TileSource",
+    "TridentSource",
     "cacheable_paths",
     "open_tile_source",
     "read_list",
@@ -57,24 +67,16 @@ def open_tile_source(
 ) -> TileSource:
     """The source for ``data.train`` entries (all of one kind; see :func:`source_kind`); ``slide_dir`` holds the
     slides that TRIDENT/CLAM coordinate files name."""
-    from multiteach.errors import MultiteachError
-
     kinds = {str(s): source_kind(s) for s in sources}
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{s} ({k})" for s, k in kinds.items())
         raise MultiteachError(f"data.train: entries of one kind per run, got {listed}")
     kind = next(iter(kinds.values()))
     if kind == "trident":
-        from multiteach.data.sources.trident import TridentSource
-
         return TridentSource.from_sources(sources, slide_dir)
     if kind == "coords":
-        from multiteach.data.sources.coords import CoordSource, CoordTable, read_coord_csv
-
         return CoordSource(CoordTable.concat([read_coord_csv(s) for s in sources]), ", ".join(map(str, sources)))
     if kind == "shards":
-        from multiteach.data.sources.shards import ShardSource
-
         return ShardSource.from_sources(sources)
     return TileListSource.from_sources(sources, extensions)
 
@@ -86,8 +88,6 @@ def cacheable_paths(source: TileSource) -> Sequence[str]:
         MultiteachError: The source draws new tiles every step (online patching), so it has no fixed tiles
             to cache.
     """
-    from multiteach.errors import MultiteachError
-
     paths = getattr(source, "paths", None)
     if paths is None:
         raise MultiteachError(

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from PIL import Image
 
+from multiteach.errors import MultiteachError
+
 
 class SourceTile(NamedTuple):
     """One tile as a source returns it.
@@ -90,8 +92,6 @@ def read_or_next(
     Raises:
         MultiteachError: ``gave_up``, when every tile failed.
     """
-    from multiteach.errors import MultiteachError
-
     skipped: list[tuple[str, str]] = []
     for offset in range(n):
         i = (index + offset) % n

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from multiteach.atomic import atomic_path
 from multiteach.data.sources.base import SourceTile, read_or_next
-from multiteach.data.sources.handles import SlidePool
-from multiteach.data.wsi.slide import _background, _composite, _reason, _slide_errors, choose_level
+from multiteach.data.wsi.pool import SlidePool
+from multiteach.data.wsi.slide import background_colour, choose_level, failure_reason, flatten_rgba, slide_errors
 from multiteach.errors import MultiteachError, did_you_mean
 
 logger = logging.getLogger("multiteach.data")
@@ -127,8 +128,6 @@ def read_coord_csv(path: str | os.PathLike[str]) -> CoordTable:
 
 def write_coord_csv(rows: list[tuple[str, int, int, float, int, float]], out: str | os.PathLike[str]) -> Path:
     """Write ``(slide, x, y, size0, tile_size, target_mpp)`` rows as a coordinate CSV, atomically."""
-    from multiteach.atomic import atomic_path
-
     out = Path(out).expanduser()
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(",".join(COORD_COLUMNS) + ",target_mpp\n")
@@ -186,7 +185,7 @@ class CoordSource:
         else:
             side = round(size0)
         x, y = (int(v) for v in t.xy[i])
-        region = _composite(slide.read_region((x, y), level, (side, side)), _background(slide))
+        region = flatten_rgba(slide.read_region((x, y), level, (side, side)), background_colour(slide))
         return region if side == out else region.resize((out, out), Image.Resampling.BILINEAR)
 
     def read(self, index: int, epoch: int) -> SourceTile:
@@ -195,14 +194,14 @@ class CoordSource:
             index,
             len(self),
             lambda i: None if int(self.table.slide_of[i]) in self._bad else (self._read(i), self.table.provenance(i)),
-            _slide_errors(),
+            slide_errors(),
             self._failed,
             f"All {len(self.table.slides)} slide(s) of {self.source!r} are unreadable; see the log.",
         )
 
     def _failed(self, i: int, err: BaseException) -> tuple[str, str]:
         s = int(self.table.slide_of[i])
-        reason = _reason(err)
+        reason = failure_reason(err)
         self._bad[s] = reason
         self.pool.drop(self.table.slides[s])
         logger.warning("skipping unreadable slide %s (%s)", self.table.slides[s], reason)

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from multiteach.atomic import atomic_path
+from multiteach.data.lists.images import IMAGE_ERRORS
 from multiteach.data.sources.base import SourceTile, read_or_next
-from multiteach.data.tiles import IMAGE_ERRORS
 from multiteach.errors import MultiteachError
 
 logger = logging.getLogger("multiteach.data")

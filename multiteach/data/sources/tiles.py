@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from multiteach.data.lists.images import IMAGE_ERRORS, IMAGE_EXTENSIONS, load_rgb
+from multiteach.data.lists.paths import PathTable, read_list, walk_folder
+from multiteach.data.lists.slide_list import slides_hint
 from multiteach.data.sources.base import SourceTile, read_or_next
-from multiteach.data.sources.paths import PathTable, read_list, walk_folder
-from multiteach.data.tiles import IMAGE_ERRORS, IMAGE_EXTENSIONS, load_rgb
 from multiteach.errors import MultiteachError
 
 logger = logging.getLogger("multiteach.data")
@@ -128,8 +129,6 @@ class TileListSource:
 
 def no_images_error(folder: Path, extensions: Iterable[str]) -> MultiteachError:
     """The error for a tile folder without images (pointing to ``data.slides`` when it holds slides)."""
-    from multiteach.data.wsi.slide import slides_hint
-
     exts = ", ".join(sorted({e.lower().lstrip(".") for e in extensions}))
     return MultiteachError(
         f"No images found under {str(folder)!r}; allowed extensions: {exts} (at any depth).{slides_hint(folder)}"

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from multiteach.data.lists.paths import walk_folder
+from multiteach.data.lists.slide_list import SLIDE_EXTENSIONS
 from multiteach.data.sources.coords import CoordSource, CoordTable
-from multiteach.data.sources.paths import walk_folder
 from multiteach.errors import MultiteachError, did_you_mean
 
 logger = logging.getLogger("multiteach.data")
@@ -94,8 +95,6 @@ def trident_table(
     Raises:
         MultiteachError: ``slide_dir`` is unset or holds no slides, or no file could be used.
     """
-    from multiteach.data.sources.slide_list import SLIDE_EXTENSIONS
-
     if slide_dir is None:
         raise MultiteachError(
             "data.slide_dir: TRIDENT/CLAM coordinate files name slides, not images; set data.slide_dir to the "

@@ -1,29 +1,26 @@
-"""Whole-slide images: tissue detection, tile planning at a target resolution, streaming and export.
+"""Reading whole-slide images (the lowest data floor; it knows no dataset and no list).
 
-Resolutions are in µm/px ("mpp"); tile coordinates are level-0 pixels (the slide's full-resolution
-grid, as in ``OpenSlide.read_region``). Modules:
+Resolutions are in µm/px ("mpp"); coordinates are level-0 pixels (the slide's full-resolution grid, as in
+``OpenSlide.read_region``). Modules:
 
-- ``slide``: opening slides with OpenSlide, level-0 mpp from metadata or overrides, level choice.
+- ``slide``: opening slides with OpenSlide, level-0 mpp from metadata or overrides, level choice, scanned bounds,
+  flattening a read region onto the slide's background.
 - ``tissue``: tissue mask from Otsu's threshold on the saturation of a bounded-memory thumbnail.
-- ``plan``: ``plan_tiles`` lays a grid, keeps the tissue tiles as a ``TileGrid`` (CSV round trip).
-- ``dataset``: ``WSITileDataset`` streams planned tiles from many slides, one handle set per worker.
-- ``write``: ``write_tiles`` (CLI: ``multiteach tile``) exports tiles plus a ``coordinates.csv``.
+- ``pool``: ``SlidePool``, each process's least-recently-used open slides.
 """
 
-from multiteach.data.wsi.dataset import WSITileDataset
-from multiteach.data.wsi.plan import CSV_COLUMNS, TileGrid, plan_tiles, read_tile
+from multiteach.data.wsi.pool import SlidePool
 from multiteach.data.wsi.slide import (
     INSTALL_HINT,
     MPP_KEYS,
     MPP_TOLERANCE,
     PLAUSIBLE_MPP,
     PathLike,
-    SlideSource,
+    SlideOrPath,
     choose_level,
     logger,
     open_slide,
     slide_mpp,
-    slides_hint,
 )
 from multiteach.data.wsi.tissue import (
     DEFAULT_MIN_SATURATION,
@@ -35,10 +32,8 @@ from multiteach.data.wsi.tissue import (
     tissue_fraction,
     tissue_mask,
 )
-from multiteach.data.wsi.write import TILE_FORMATS, TileWriteResult, expand_slide_lists, read_slide_csv, write_tiles
 
 __all__ = [
-    "CSV_COLUMNS",
     "DEFAULT_MIN_SATURATION",
     "DEFAULT_THUMB_SIZE",
     "INSTALL_HINT",
@@ -47,24 +42,15 @@ __all__ = [
     "MPP_TOLERANCE",
     "OPEN_SIZE",
     "PLAUSIBLE_MPP",
-    "TILE_FORMATS",
     "PathLike",
-    "SlideSource",
-    "TileGrid",
-    "TileWriteResult",
-    "WSITileDataset",
+    "SlidePool",
+    "SlideOrPath",
     "choose_level",
-    "expand_slide_lists",
     "logger",
     "open_slide",
     "otsu_threshold",
-    "plan_tiles",
-    "read_slide_csv",
-    "read_tile",
     "slide_mpp",
     "slide_thumbnail",
-    "slides_hint",
     "tissue_fraction",
     "tissue_mask",
-    "write_tiles",
 ]

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("multiteach.data")
 
-SlideSource = Union[str, "os.PathLike[str]", "OpenSlide"]
+SlideOrPath = Union[str, "os.PathLike[str]", "OpenSlide"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 INSTALL_HINT = "pip install 'multiteach[wsi]'"
@@ -35,31 +35,6 @@ MPP_KEYS: tuple[tuple[str, str], ...] = (("openslide.mpp-x", "openslide.mpp-y"),
 # are rarely exact (e.g. 2.0005), and a level at 1.0005 µm/px should serve a 1.0 µm/px target.
 MPP_TOLERANCE = 0.01
 PLAUSIBLE_MPP = (0.05, 10.0)  # outside this, a value is more likely a magnification (20x) than µm/px
-
-
-def slides_hint(folder: PathLike) -> str:
-    """A sentence for a "no images found" error when ``folder`` holds whole-slide images instead of tiles.
-
-    Args:
-        folder: The folder that held no tile images (searched at any depth, hidden entries skipped).
-
-    Returns:
-        ``" It holds whole-slide images (e.g. NAME): ..."`` naming ``data.slides.source=FOLDER`` and
-        ``multiteach tile``, or ``""`` when it holds none.
-    """
-    from multiteach.data.sources.paths import walk_folder  # here: the sources package imports this module
-    from multiteach.data.sources.slide_list import SLIDE_EXTENSIONS
-
-    slide_only = [e for e in SLIDE_EXTENSIONS if e not in ("tif", "tiff")]  # a .tif may be a tile as well
-    found = walk_folder(Path(folder).expanduser(), slide_only)
-    if not len(found):
-        return ""
-    name = Path(found[0]).name
-    return (
-        f" It holds whole-slide images (e.g. {name}), not tiles: patch them during training with "
-        f"data.slides.source={folder} (instead of data.train), or cut tiles once with "
-        f"`multiteach tile {folder}/*{Path(name).suffix} --out TILES` and set data.train=TILES."
-    )
 
 
 def _import_openslide() -> Any:
@@ -73,13 +48,13 @@ def _import_openslide() -> Any:
     return openslide
 
 
-def _slide_errors() -> tuple[type[BaseException], ...]:
+def slide_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "this slide cannot be opened or read" (not a bug in the caller)."""
     openslide = _import_openslide()
     return (MultiteachError, openslide.OpenSlideError, OSError)
 
 
-def _reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     """One-line description of why a slide failed, for logs and skip lists."""
     return str(err) if isinstance(err, MultiteachError) else f"{type(err).__name__}: {err}"
 
@@ -245,7 +220,7 @@ def choose_level(level_mpps: Sequence[float], target_mpp: float, tolerance: floa
     return max(fine_enough, key=lambda i: level_mpps[i])
 
 
-def _slide_bounds(slide: OpenSlide) -> tuple[int, int, int, int]:
+def scanned_bounds(slide: OpenSlide) -> tuple[int, int, int, int]:
     """``(x, y, width, height)`` of the scanned area in level-0 pixels (the whole image if unrecorded)."""
     width0, height0 = slide.dimensions
     props = slide.properties
@@ -260,12 +235,12 @@ def _slide_bounds(slide: OpenSlide) -> tuple[int, int, int, int]:
     return bx, by, max(0, min(bw, width0 - bx)), max(0, min(bh, height0 - by))
 
 
-def _composite(region: Image.Image, background: str) -> Image.Image:
+def flatten_rgba(region: Image.Image, background: str) -> Image.Image:
     """Flatten OpenSlide's RGBA (transparent = not scanned) onto the slide's background colour."""
     rgb = Image.new("RGB", region.size, background)
     rgb.paste(region, None, region)
     return rgb
 
 
-def _background(slide: OpenSlide) -> str:
+def background_colour(slide: OpenSlide) -> str:
     return "#" + slide.properties.get("openslide.background-color", "ffffff")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter
 
-from multiteach.data.wsi.slide import _background, _composite
+from multiteach.data.wsi.slide import background_colour, flatten_rgba
 
 if TYPE_CHECKING:
     from openslide import OpenSlide
@@ -69,14 +69,14 @@ def slide_thumbnail(slide: OpenSlide, thumb_size: int = DEFAULT_THUMB_SIZE) -> I
     level_down = slide.level_downsamples[level]
     rows_per_level_row = th / lh
     out_rows = max(1, int(_STRIP_PIXELS * rows_per_level_row // max(lw, 1)))
-    bg = _background(slide)
+    bg = background_colour(slide)
     thumb = Image.new("RGB", (tw, th), bg)
     for r0 in range(0, th, out_rows):
         r1 = min(th, r0 + out_rows)
         y0 = min(lh - 1, round(r0 / rows_per_level_row))
         y1 = min(lh, max(y0 + 1, round(r1 / rows_per_level_row)))
         region = slide.read_region((0, round(y0 * level_down)), level, (lw, y1 - y0))
-        thumb.paste(_composite(region, bg).resize((tw, r1 - r0), Image.Resampling.BOX), (0, r0))
+        thumb.paste(flatten_rgba(region, bg).resize((tw, r1 - r0), Image.Resampling.BOX), (0, r0))
     return thumb
 
 

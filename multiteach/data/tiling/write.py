@@ -14,9 +14,9 @@ from typing import Any
 from PIL import Image
 
 from multiteach.atomic import atomic_path
-from multiteach.data.sources.slide_list import read_slide_csv
-from multiteach.data.wsi.plan import CSV_COLUMNS, TileGrid, _plan_one, _prepare, _write_csv, read_tile
-from multiteach.data.wsi.slide import PathLike, _reason, _slide_errors, logger, open_slide
+from multiteach.data.lists.slide_list import read_slide_csv
+from multiteach.data.tiling.plan import CSV_COLUMNS, TileGrid, _plan_one, _prepare, _write_csv, read_tile
+from multiteach.data.wsi.slide import PathLike, failure_reason, logger, open_slide, slide_errors
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE
 from multiteach.errors import MultiteachError, did_you_mean
 
@@ -146,7 +146,7 @@ def write_tiles(
     report = progress or (lambda line: None)
     result = TileWriteResult()
     used: set[str] = set()
-    errors = _slide_errors()
+    errors = slide_errors()
     for s in slides:
         key = s.slide if isinstance(s, TileGrid) else str(s)
         grid = _plan_one(s, args, lookup)
@@ -166,7 +166,7 @@ def write_tiles(
             csv_path = folder / "coordinates.csv"
             _write_csv(csv_path, ("file", *CSV_COLUMNS), rows)
         except errors as err:
-            reason = f"{_reason(err)} (after {len(rows)} of {len(grid)} tiles)"
+            reason = f"{failure_reason(err)} (after {len(rows)} of {len(grid)} tiles)"
             result.skipped[key] = reason
             logger.warning("skipping slide %s: %s", key, reason)
             continue

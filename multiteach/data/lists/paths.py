@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multiteach.atomic import atomic_path
 from multiteach.errors import MultiteachError, did_you_mean
 
 PATH_COLUMNS: tuple[str, ...] = ("path", "file")
@@ -244,8 +245,6 @@ def read_list(list_file: str | os.PathLike[str]) -> PathTable:
 
 def write_text_list(table: PathTable, out: str | os.PathLike[str]) -> Path:
     """Write every path of ``table`` to a text list (one per line), atomically; returns the path written."""
-    from multiteach.atomic import atomic_path
-
     out = Path(out).expanduser()
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         prefix = os.fsencode(table.prefix)

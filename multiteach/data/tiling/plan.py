@@ -22,19 +22,19 @@ from multiteach.atomic import atomic_path
 from multiteach.data.wsi.slide import (
     MPP_TOLERANCE,
     PathLike,
-    SlideSource,
-    _background,
+    SlideOrPath,
     _check_mpp,
-    _composite,
     _import_openslide,
     _override_lookup,
-    _reason,
-    _slide_bounds,
-    _slide_errors,
     _slide_name,
+    background_colour,
     choose_level,
+    failure_reason,
+    flatten_rgba,
     logger,
     open_slide,
+    scanned_bounds,
+    slide_errors,
     slide_mpp,
 )
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE, tissue_fraction, tissue_mask
@@ -186,7 +186,7 @@ def _check_plan_args(target_mpp: float, tile_size: int, overlap: float, min_tiss
 
 
 def plan_tiles(
-    slide: SlideSource,
+    slide: SlideOrPath,
     target_mpp: float = 0.5,
     tile_size: int = 224,
     overlap: float = 0.0,
@@ -241,7 +241,7 @@ def plan_tiles(
     stride = tile_size * (1.0 - overlap) * target / mpp0  # level-0 pixels
     if stride < 1.0:
         raise MultiteachError(f"overlap={overlap} leaves a stride under one level-0 pixel; lower it.")
-    bx, by, bw, bh = _slide_bounds(slide)
+    bx, by, bw, bh = scanned_bounds(slide)
     eps = 1e-6
 
     def starts(origin: int, size: int) -> np.ndarray:
@@ -280,7 +280,7 @@ def read_tile(slide: OpenSlide, grid: TileGrid, index: int) -> Image.Image:
     """
     x, y = (int(v) for v in grid.coords[index])
     region = slide.read_region((x, y), grid.level, (grid.read_size, grid.read_size))
-    tile = _composite(region, _background(slide))
+    tile = flatten_rgba(region, background_colour(slide))
     if grid.read_size != grid.tile_size:
         tile = tile.resize((grid.tile_size, grid.tile_size), Image.Resampling.LANCZOS)
     return tile
@@ -343,7 +343,7 @@ def _plan_one(
             lookup(slide),
             thumb_size=args.thumb_size,
         )
-    except _slide_errors() as err:
-        reason = _reason(err)
+    except slide_errors() as err:
+        reason = failure_reason(err)
         logger.warning("skipping slide %s: %s", slide, reason)
         return reason

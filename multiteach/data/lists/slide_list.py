@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multiteach.data.lists.paths import walk_folder
 from multiteach.errors import MultiteachError, did_you_mean, missing_path
 
 logger = logging.getLogger("multiteach.data")
@@ -94,10 +95,6 @@ def _extension(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-def _is_slide_name(name: str) -> bool:
-    return not name.startswith(".") and _extension(name) in SLIDE_EXTENSIONS
-
-
 def find_slides(root: str | os.PathLike[str], what: str = SOURCE_KEY) -> list[str]:
     """Every slide under a folder, at any depth, in sorted order.
 
@@ -115,7 +112,6 @@ def find_slides(root: str | os.PathLike[str], what: str = SOURCE_KEY) -> list[st
         MultiteachError: If the folder holds no slide (naming it, the extensions looked for and, when it holds
             JPEG/PNG images, that those go in ``data.train``).
     """
-    from multiteach.data.sources.paths import walk_folder
 
     root_path = Path(os.path.abspath(Path(root).expanduser()))
     found: list[str] = []
@@ -306,4 +302,26 @@ def _warn_missing(described: str, missing: Iterable[tuple[str, str]], total: int
     more = f"; and {len(missing) - _SHOW_MISSING} more" if len(missing) > _SHOW_MISSING else ""
     logger.warning(
         "%s: %d of %d listed slide(s) cannot be used and are skipped: %s%s", described, len(missing), total, shown, more
+    )
+
+
+def slides_hint(folder: str | os.PathLike[str]) -> str:
+    """A sentence for a "no images found" error when ``folder`` holds whole-slide images instead of tiles.
+
+    Args:
+        folder: The folder that held no tile images (searched at any depth, hidden entries skipped).
+
+    Returns:
+        ``" It holds whole-slide images (e.g. NAME): ..."`` naming ``data.slides.source=FOLDER`` and
+        ``multiteach tile``, or ``""`` when it holds none.
+    """
+    slide_only = [e for e in SLIDE_EXTENSIONS if e not in ("tif", "tiff")]  # a .tif may be a tile as well
+    found = walk_folder(Path(folder).expanduser(), slide_only)
+    if not len(found):
+        return ""
+    name = Path(found[0]).name
+    return (
+        f" It holds whole-slide images (e.g. {name}), not tiles: patch them during training with "
+        f"data.slides.source={folder} (instead of data.train), or cut tiles once with "
+        f"`multiteach tile {folder}/*{Path(name).suffix} --out TILES` and set data.train=TILES."
     )

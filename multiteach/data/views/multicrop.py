@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from multiteach.data.augment import (
+from multiteach.data.views.augment import (
     ColorJitter,
     ColorParams,
     HEDJitter,
@@ -28,7 +28,7 @@ from multiteach.data.augment import (
     sample_crop_box,
     to_tensor01,
 )
-from multiteach.data.masking import sample_ibot_masks
+from multiteach.data.views.masking import sample_ibot_masks
 from multiteach.errors import MultiteachError
 
 

@@ -1,4 +1,4 @@
-"""Online patching: training tiles drawn at random tissue positions straight from whole-slide images.
+"""The online-patching sampler: training tiles drawn at random tissue positions straight from whole-slide images.
 
 ``SlideSource.read(index, epoch)`` is a pure function of ``(seed, epoch, index)``:
 
@@ -34,26 +34,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from multiteach.data.index import SlideIndex, build_index, default_index_dir, load_mask
+from multiteach.data.lists.slide_list import read_slide_list
+from multiteach.data.online.targets import (
+    plan_targets,
+    unusable_reason,
+)
 from multiteach.data.sources.base import SourceTile
-from multiteach.data.sources.handles import SlidePool
-from multiteach.data.sources.slide_list import read_slide_list
-from multiteach.data.wsi.slide import MPP_TOLERANCE, _composite, _reason, _slide_errors
+from multiteach.data.wsi.pool import SlidePool
+from multiteach.data.wsi.slide import failure_reason, flatten_rgba, slide_errors
 from multiteach.errors import MultiteachError
 
 logger = logging.getLogger("multiteach.data")
 
-UPSAMPLE_TOLERANCE = 0.15
-"""A target finer than a slide's level 0 is still served when the tile is upsampled by at most this fraction
-(1.15x): 40x scanners record 0.2456-0.2631 µm/px, and a 0.25 µm/px target should use them all."""
-MAX_READ_FACTOR = 4.0
-"""A (slide, target) is unusable when the read at its level is over this many tile sides (plus 1% slack)."""
 MASK_TRIES = 32
 """Tile positions drawn (mask checks only, cheap) before the best one seen is taken."""
 HSV_READS = 4
@@ -106,88 +104,6 @@ def _footprint_fraction(mask: np.ndarray, scale: np.ndarray, x: int, y: int, ext
     j0, j1 = span(x, float(scale[0]), w)
     i0, i1 = span(y, float(scale[1]), h)
     return float(np.count_nonzero(mask[i0:i1, j0:j1])) / ((i1 - i0) * (j1 - j0))
-
-
-# --------------------------------------------------------------------------------------------------
-# Which level each (slide, target) reads, and whether it can
-# --------------------------------------------------------------------------------------------------
-
-
-class TargetPlan(NamedTuple):
-    """How every slide serves every target (arrays of shape ``(n_slides, n_targets)``).
-
-    Attributes:
-        level: Pyramid level read.
-        level_mpp: µm/px of that level.
-        read_size: Side of the region read at that level, in level pixels.
-        extent: Side of the footprint in level-0 pixels (``read_size x downsample``).
-        too_fine: The target is finer than level 0 by more than ``UPSAMPLE_TOLERANCE``.
-        too_coarse: The read exceeds ``MAX_READ_FACTOR`` tile sides.
-        too_small: The footprint does not fit in the scanned area.
-    """
-
-    level: np.ndarray
-    level_mpp: np.ndarray
-    read_size: np.ndarray
-    extent: np.ndarray
-    too_fine: np.ndarray
-    too_coarse: np.ndarray
-    too_small: np.ndarray
-
-    @property
-    def usable(self) -> np.ndarray:
-        """Bool ``(n_slides, n_targets)``."""
-        return ~(self.too_fine | self.too_coarse | self.too_small)
-
-
-def plan_targets(index: SlideIndex, targets: Sequence[float], tile_size: int) -> TargetPlan:
-    """Level, read size and usability of every (slide, target), vectorised over slides.
-
-    The level is :func:`~multiteach.data.wsi.slide.choose_level`'s (levels are ascending in downsample).
-
-    Args:
-        index: The slide index.
-        targets: Target µm/px values.
-        tile_size: Side of the tiles in pixels.
-
-    Returns:
-        The :class:`TargetPlan`.
-    """
-    n = len(index)
-    counts = np.diff(index.level_start)
-    first = index.level_start[:-1]
-    level_mpp_flat = np.repeat(index.mpp, counts) * index.downsamples
-    cols: dict[str, list[np.ndarray]] = {name: [] for name in TargetPlan._fields}
-    for target in targets:
-        fine_enough = level_mpp_flat <= target * (1.0 + MPP_TOLERANCE)
-        n_ok = np.add.reduceat(fine_enough.astype(np.int64), first) if n else np.zeros(0, np.int64)
-        level = np.maximum(n_ok - 1, 0)
-        lm = level_mpp_flat[first + level]
-        read = np.maximum(1, np.round(tile_size * target / lm)).astype(np.int64)
-        extent = read * index.downsamples[first + level]
-        cols["level"].append(level)
-        cols["level_mpp"].append(lm)
-        cols["read_size"].append(read)
-        cols["extent"].append(extent)
-        cols["too_fine"].append((n_ok == 0) & (index.mpp > target * (1.0 + UPSAMPLE_TOLERANCE)))
-        cols["too_coarse"].append(read > tile_size * MAX_READ_FACTOR * (1.0 + MPP_TOLERANCE))
-        cols["too_small"].append((extent > index.bounds[:, 2] + 1e-6) | (extent > index.bounds[:, 3] + 1e-6))
-    return TargetPlan(**{name: np.stack(v, axis=1) if v else np.zeros((n, 0)) for name, v in cols.items()})
-
-
-def _unusable_reason(index: SlideIndex, plan: TargetPlan, s: int, t: int, target: float, tile_size: int) -> str:
-    if plan.too_fine[s, t]:
-        return (
-            f"{target:g} µm/px is finer than its level 0 ({index.mpp[s]:.4g} µm/px): tiles would be upsampled "
-            f"{index.mpp[s] / target:.2f}x (at most {1 + UPSAMPLE_TOLERANCE:g}x allowed)"
-        )
-    if plan.too_coarse[s, t]:
-        return (
-            f"{target:g} µm/px needs a {plan.read_size[s, t]}-px read at its coarsest level "
-            f"({plan.level_mpp[s, t]:.4g} µm/px), over {MAX_READ_FACTOR:g}x the {tile_size}-px tile"
-        )
-    w, h = index.bounds[s, 2:]
-    return f"its scanned area ({w}x{h} px) is smaller than one {tile_size}-px tile at {target:g} µm/px"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +226,7 @@ class SlideSource:
         out = []
         for s in np.flatnonzero(~self.plan.usable.any(axis=1)).tolist():
             reasons = [
-                _unusable_reason(self.index, self.plan, s, t, float(target), self.tile_size)
+                unusable_reason(self.index, self.plan, s, t, float(target), self.tile_size)
                 for t, target in enumerate(self.targets.tolist())
             ]
             out.append((self.index.slides[s], "no target µm/px can be read: " + "; ".join(reasons)))
@@ -325,7 +241,7 @@ class SlideSource:
             if self.plan.usable[:, t].any():
                 why = "every slide that could serve it has weight 0"
             else:
-                example = _unusable_reason(self.index, self.plan, 0, t, target, self.tile_size)
+                example = unusable_reason(self.index, self.plan, 0, t, target, self.tile_size)
                 why = f"no slide can be read at it; e.g. {self.index.slides[0]}: {example}"
             unserved.append((target, why))
         if not served.any() or shares[served].sum() <= 0:
@@ -438,7 +354,7 @@ class SlideSource:
         handle = self._pool.get(self.index.slides[s])
         size = int(self.plan.read_size[s, t])
         region = handle.read_region((int(x), int(y)), int(self.plan.level[s, t]), (size, size))
-        tile = _composite(region, slot.background)
+        tile = flatten_rgba(region, slot.background)
         if size != self.tile_size:
             tile = tile.resize((self.tile_size, self.tile_size), Image.Resampling.LANCZOS)
         return tile
@@ -473,7 +389,7 @@ class SlideSource:
 
     def _mark_bad(self, s: int, err: BaseException) -> None:
         self._pool.drop(self.index.slides[s])
-        reason = _reason(err)
+        reason = failure_reason(err)
         self._bad[s] = reason
         logger.warning("skipping unreadable slide %s (%s)", self.index.slides[s], reason)
 
@@ -489,7 +405,7 @@ class SlideSource:
             MultiteachError: If every slide became unreadable.
         """
         v = int(index) // self.tiles_per_visit
-        errors = _slide_errors()
+        errors = slide_errors()
         skipped: dict[str, str] = {}
         while True:
             t, s, met = self._choose(v, epoch)
@@ -547,41 +463,3 @@ def open_slide_source(
             :func:`~multiteach.data.index.default_index_dir`).
     """
     return SlideSource.from_config(config, seed, progress=progress, index_dir=index_dir)
-
-
-def sample_positions(
-    source: SlideSource, n: int, out: str | os.PathLike[str], epoch: int = 0, progress: bool = True
-) -> tuple[os.PathLike[str], int]:
-    """Freeze the first ``n`` samples of an online-patching stream as a coordinate CSV.
-
-    The CSV (``slide,x,y,size0,tile_size,target_mpp``) is a finite ``data.train`` source whose tiles a
-    teacher-feature cache can key by ``(slide, x, y, µm/px)``; training on it reads the same regions the stream
-    would have drawn at ``epoch`` (with ``hsv_filter`` each sample is read to apply the filter, so it is slower).
-
-    Args:
-        source: The online-patching source.
-        n: Number of samples (stream positions ``0 .. n-1``).
-        out: The CSV to write (atomically).
-        epoch: The stream epoch to take them from.
-        progress: Show a progress bar.
-
-    Returns:
-        ``(path written, slides named)``.
-    """
-    from tqdm import tqdm
-
-    from multiteach.data.sources.coords import write_coord_csv
-
-    row_of = {slide: s for s, slide in enumerate(source.index.slides)}
-    rows = []
-    for i in tqdm(range(int(n)), disable=not progress, desc="sample", unit="tile"):
-        if source.hsv_filter:  # the filter looks at pixels: only a read knows which candidate it kept
-            slide, xy, mpp = source.read(i, epoch).provenance.rsplit("@", 2)
-            x, y = (int(v) for v in xy.split(","))
-            s, t = row_of[slide], int(np.abs(source.targets - float(mpp)).argmin())  # provenance rounds µm/px
-        else:
-            d = source.draw(i, epoch)
-            slide, x, y, s = d.slide, d.x, d.y, d.slide_index
-            t = int(np.flatnonzero(source.targets == d.target_mpp)[0])
-        rows.append((slide, x, y, float(source.plan.extent[s, t]), source.tile_size, float(source.targets[t])))
-    return write_coord_csv(rows, out), len({r[0] for r in rows})

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from multiteach.data.augment import gaussian_blur, hed_jitter
+from multiteach.data.views.augment import gaussian_blur, hed_jitter
 from multiteach.errors import MultiteachError, did_you_mean
 
 #: Perturbation name -> (what its range means, lowest allowed, highest allowed).

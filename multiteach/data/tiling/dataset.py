@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from multiteach.data.sources.handles import SlidePool
-from multiteach.data.wsi.plan import TileGrid, _plan_one, _prepare, read_tile
-from multiteach.data.wsi.slide import PathLike, _reason, _slide_errors, logger
+from multiteach.data.tiling.plan import TileGrid, _plan_one, _prepare, read_tile
+from multiteach.data.wsi.pool import SlidePool
+from multiteach.data.wsi.slide import PathLike, failure_reason, logger, slide_errors
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE
 from multiteach.errors import MultiteachError
 
@@ -128,13 +128,13 @@ class WSITileDataset:
     def _drop(self, slide: str, err: BaseException) -> None:
         self._pool.drop(slide)
         if slide not in self._skipped:
-            reason = _reason(err)
+            reason = failure_reason(err)
             self._skipped[slide] = reason
             logger.warning("skipping unreadable slide %s (%s)", slide, reason)
 
     def __getitem__(self, index: int) -> Any:
         g, local = self._locate(index)
-        errors = _slide_errors()
+        errors = slide_errors()
         for step in range(len(self.grids)):
             grid = self.grids[(g + step) % len(self.grids)]
             if step:
