@@ -23,6 +23,7 @@ from multiteach.build import build_teachers, multicrop_transform, spec_overrides
 from multiteach.cache.layout import FORMAT, cache_settings, store_dtype
 from multiteach.errors import MultiteachError
 from multiteach.losses import active_teachers
+from multiteach.nested import flatten
 from multiteach.teachers import resolve_spec
 from multiteach.teachers.base import Teacher, TeacherSpec
 from multiteach.teachers.weights import hub_weights
@@ -237,15 +238,6 @@ def build_digest(key: Mapping[str, Any], layout: Mapping[str, Any]) -> str:
     return _sha(json.dumps({"key": key, "layout": layout}, sort_keys=True))
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _short(v: Any) -> str:
     if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):
         return v[:12] + "…"
@@ -254,7 +246,7 @@ def _short(v: Any) -> str:
 
 def key_diff(old: Any, new: Any) -> str:
     """``"a.b 1 -> 2, ..."``: the leaves that differ between two nested mappings (64-hex hashes shortened)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     parts = [f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(parts)
 

@@ -1,283 +1,38 @@
-"""The model card (``README.md``) of an export, and the licence the student inherits from its teachers.
-
-:func:`model_card` writes the Hugging Face card: front matter (licence from :func:`card_license`), the one-line
-``timm.create_model`` call that loads the export (:func:`timm_load_line`, read back by :func:`parse_load_line`),
-preprocessing, training recipe, teachers (:func:`teacher_rows`), data, and optional evaluation and speed tables.
-Local paths appear only as ``<local>/`` + their last part (:mod:`multiteach.publish.redact`).
-"""
+"""The model card (``README.md``) of an export: front matter, licence, loading line, recipe, teachers, data, tables."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
-import re
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
 import yaml
 
-from multiteach.errors import MultiteachError
-from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
-from multiteach.losses import active_teachers
-from multiteach.publish.redact import LOCAL_PLACEHOLDER, redact_local_path, redact_local_paths, redact_path_slot
+from multiteach.layers import LAYER_NAMES
+from multiteach.publish.load_line import timm_load_line
+from multiteach.publish.provenance import (
+    card_license,
+    checkpoint_step,
+    loaded_teachers,
+    teacher_card_files,
+    teacher_rows,
+    toolkit_version,
+)
+from multiteach.publish.redact import (
+    LOCAL_PLACEHOLDER,
+    redact_local_path,
+    redact_local_paths,
+    redact_path_slot,
+    redact_text,
+)
 from multiteach.runs import RunStudent
 from multiteach.students import spread_blocks
-from multiteach.teachers.catalog import CATALOG
-from multiteach.teachers.licences import licence_terms
-from multiteach.teachers.loaded import describe_teacher, read_teacher_record, teacher_depth
-from multiteach.teachers.shipped import is_shipped, shipped_dir
+from multiteach.teachers.loaded import teacher_depth
 
-NC_LICENSE = "cc-by-nc-nd-4.0"
 PLACEHOLDER_REPO = "ORG/NAME"
 CARD_TAGS = ["pathology", "multiteach", "distillation"]
-
-
-def used_teachers(recipe: Any) -> list[str]:
-    """Teachers that active loss terms read (the ones the student learnt from)."""
-    return [n for n in active_teachers(recipe.active_losses()) if n in recipe.teachers]
-
-
-def checkpoint_step(checkpoint: Path) -> int | None:
-    """Optimiser steps completed at ``checkpoint`` (its ``state.json``)."""
-    try:
-        return int(json.loads((checkpoint / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def timm_call_kwargs(layer_kwargs: Mapping[str, str]) -> dict[str, str]:
-    """Python source of the layer arguments plain timm needs at call time.
-
-    Args:
-        layer_kwargs: Layer names as recipes write them (``{"mlp_layer": "swiglu_packed", "act_layer": "silu"}``).
-
-    Returns:
-        Argument -> expression, e.g. ``{"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}``.
-    """
-    resolved = resolve_layer_kwargs(dict(layer_kwargs))
-    out = {}
-    for key in LAYER_NAMES:
-        if key not in resolved:
-            continue
-        value = resolved[key]
-        out[key] = json.dumps(value) if isinstance(value, str) else _public_name(value)
-    return out
-
-
-def _public_name(obj: Any) -> str:
-    """``timm.layers.X`` / ``torch.nn.X`` for a layer class (or timm's ``partial`` aliases such as SwiGLUPacked)."""
-    for module, prefix in ((timm.layers, "timm.layers"), (torch.nn, "torch.nn")):
-        for name in dir(module):
-            if not name.startswith("_") and getattr(module, name) is obj:
-                return f"{prefix}.{name}"
-    if hasattr(obj, "__qualname__"):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    raise MultiteachError(f"layer {obj!r} has no public import path; use a class from timm.layers or torch.nn")
-
-
-def timm_load_line(source: str, layer_kwargs: Mapping[str, str]) -> str:
-    """The one-line ``timm.create_model(...)`` call that loads an export with plain timm."""
-    args = [json.dumps(source), "pretrained=True", *(f"{k}={v}" for k, v in timm_call_kwargs(layer_kwargs).items())]
-    return f"model = timm.create_model({', '.join(args)})"
-
-
-def parse_load_line(line: str) -> tuple[str, dict[str, Any]]:
-    """Read a :func:`timm_load_line` back (source and keyword values) without evaluating code.
-
-    Dotted names (``timm.layers.SwiGLUPacked``) are looked up as attributes of ``timm``/``torch``; literals are
-    parsed with :func:`ast.literal_eval`. Used by the tests to load exactly what the model card prints.
-    """
-    expr = ast.parse(line.strip().split("=", 1)[1].strip(), mode="eval").body
-    if not isinstance(expr, ast.Call) or ast.unparse(expr.func) != "timm.create_model":
-        raise MultiteachError(f"not a timm.create_model call: {line!r}")
-    source = ast.literal_eval(expr.args[0])
-    kwargs: dict[str, Any] = {}
-    for kw in expr.keywords:
-        if isinstance(kw.value, (ast.Attribute, ast.Name)):
-            parts = ast.unparse(kw.value).split(".")
-            obj: Any = {"timm": timm, "torch": torch}[parts[0]]
-            for part in parts[1:]:
-                obj = getattr(obj, part)
-            kwargs[kw.arg] = obj
-        else:
-            kwargs[kw.arg] = ast.literal_eval(kw.value)
-    return source, kwargs
-
-
-def teacher_rows(
-    recipe: Any,
-    loaded: Mapping[str, Mapping[str, Any]] | None = None,
-    licence_notes: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per teacher an active term uses: recipe name, source and the catalog's licence facts.
-
-    Licence facts come from :data:`multiteach.teachers.licences.LICENCES` through the catalog entry, the one
-    source the README table and ``multiteach teachers`` use too. Sources not in the catalog (``hf-hub:``,
-    ``local-dir:``, timm names, ...) get ``license=None``, and so does a catalog name whose weights were not the
-    catalog model's (``loaded``): no catalog licence, Hub page or gating is claimed for them.
-
-    Args:
-        recipe: The run's recipe.
-        loaded: Teacher name -> :func:`~multiteach.teachers.loaded.describe_teacher` result (what was really
-            loaded); None takes every catalog name for its catalog model.
-        licence_notes: Teacher name -> the licence the exporter states for it (``--licence-note``).
-    """
-    rows = []
-    for name in used_teachers(recipe):
-        source = recipe.teachers[name].source
-        info = (loaded or {}).get(name)
-        catalog_model = source in CATALOG and (info is None or bool(info.get("catalog_model")))
-        spec = CATALOG.get(source) if catalog_model else None
-        terms = licence_terms(spec.license) if spec else None
-        rows.append(
-            {
-                "name": name,
-                "source": source,
-                "in_catalog": spec is not None,
-                "catalog_name": source in CATALOG,
-                "loaded": dict(info) if info else None,
-                "user_licence": (licence_notes or {}).get(name, ""),
-                "license": spec.license if spec else None,
-                "licence_known": terms is not None,
-                "hf_license": terms.hf_license if terms else None,
-                "restriction": terms.reason if terms else "",
-                "licence_note": terms.note if terms else "",
-                "gated": bool(spec and spec.gated),
-                "noncommercial_derivatives": bool(spec and spec.noncommercial_derivatives),
-                "hub_id": spec.hub_id if spec else None,
-                "url": spec.url if spec else None,
-                "local_weights": recipe.teachers[name].weights,
-            }
-        )
-    return rows
-
-
-def card_license(rows: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
-    """The card's ``license`` front matter and the licence paragraph, from the teachers' licences.
-
-    Every teacher whose licence restricts students (``noncommercial_derivatives``, derived from the licence:
-    any non-commercial or no-derivatives licence, or terms barring commercial use of models trained on its
-    outputs) is named with its licence and the reason, and makes the student non-commercial:
-    ``cc-by-nc-nd-4.0`` when those teachers are all CC-BY-NC-ND-4.0, else ``other``. Teachers whose licences
-    are all Apache-2.0 give ``apache-2.0``; anything else is ``other`` with the reason.
-
-    Returns:
-        ``(front matter fields, markdown lines)``.
-    """
-    nc = [r for r in rows if r["noncommercial_derivatives"]]
-    unknown = [r for r in rows if not r["in_catalog"] or not r.get("licence_known", r["in_catalog"])]
-    stated = [r for r in unknown if r.get("user_licence")]
-    lines: list[str] = []
-    if nc:
-        names = "; ".join(f"{r['name']} ({r['license']}: {r.get('restriction') or 'non-commercial terms'})" for r in nc)
-        lines.append(
-            "> **Non-commercial use only.** This student was trained on the outputs of teachers whose terms restrict "
-            f"models derived from them: {names}. The student inherits that restriction: it may not be used "
-            "commercially."
-        )
-        if all(r.get("hf_license") == NC_LICENSE for r in nc):
-            front = {"license": NC_LICENSE}
-        else:
-            front = {"license": "other", "license_name": "noncommercial-derivative"}
-            lines.append(
-                "> Licence `other`: the teachers' non-commercial terms differ from CC-BY-NC-ND-4.0; "
-                "the most restrictive of them applies."
-            )
-    elif rows and not unknown and all(r.get("hf_license") == "apache-2.0" for r in rows):
-        front = {"license": "apache-2.0"}
-        lines.append("All teachers are Apache-2.0; check their model cards for additional terms.")
-    elif unknown and len(stated) == len(unknown):
-        front = {"license": "other", "license_name": "stated-in-model-card"}
-        lines.append("Licence `other`: the teachers' terms are stated below; read them before using this model.")
-    else:
-        front = {"license": "other", "license_name": "check-teacher-licences"}
-        reason = (
-            "no teacher licence is known"
-            if not rows
-            else "the teachers' licences are not all Apache-2.0 or are not in the catalog"
-        )
-        lines.append(f"Licence `other`: {reason}; set it yourself after checking the teachers' terms.")
-    if unknown:
-        lines.append(
-            "> Teacher(s) whose licence multiteach does not know: "
-            + ", ".join(_unknown_name(r) for r in unknown)
-            + ". Check their licences before using or sharing this model"
-            + ("." if stated else " (`multiteach export --licence-note NAME=TEXT` states one in this card).")
-        )
-    for r in stated:
-        lines.append(f"Licence of teacher `{r['name']}` as stated by the exporter: {r['user_licence']}")
-    noted = [r for r in rows if r.get("licence_note")]
-    if noted:
-        lines.append("Terms to respect: " + "; ".join(f"{r['name']}: {r['licence_note']}" for r in noted) + ".")
-    gated = [r for r in rows if r["gated"]]
-    if gated:
-        lines.append(
-            "Gated teacher(s): "
-            + ", ".join(r["name"] for r in gated)
-            + " (their weights require accepting terms on the Hugging Face Hub; respect them)."
-        )
-    return front, lines
-
-
-def _unknown_name(row: Mapping[str, Any]) -> str:
-    """A teacher whose licence is unknown, as the licence paragraph names it (never as the catalog model)."""
-    if row.get("catalog_name") and not row["in_catalog"]:
-        return f"`{row['name']}` (not the catalog's `{row['source']}` weights: see Teachers)"
-    return f"`{row['source']}`"
-
-
-def toolkit_version() -> str:
-    """The installed ``multiteach`` package's version (``multiteach.__version__`` when not installed)."""
-    try:
-        return metadata.version("multiteach")
-    except metadata.PackageNotFoundError:
-        import multiteach
-
-        return multiteach.__version__
-
-
-def loaded_teachers(recipe: Any, run_dir: Path) -> dict[str, dict[str, Any]]:
-    """What each teacher an active term uses really loaded: the run's ``teachers.json`` (written at training
-    time), or for teachers it does not describe (older runs, cached runs, another recipe) a description made now.
-    """
-    record = read_teacher_record(run_dir)
-    out: dict[str, dict[str, Any]] = {}
-    for name in used_teachers(recipe):
-        cfg = recipe.teachers[name]
-        info = record.get(name)
-        if info is None or info.get("source") != cfg.source:
-            try:
-                info = describe_teacher(name, cfg)
-            except MultiteachError as exc:
-                info = {"name": name, "source": cfg.source, "catalog_model": False, "why": f"not checked: {exc}"}
-        out[name] = dict(info)
-    return out
-
-
-def teacher_card_files(rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """Export file name -> model card of each teacher whose weights ship inside multiteach (``multiteach-tiny``):
-    the export carries a copy, so the card's link to it works on the Hub too."""
-    out = {}
-    for r in rows:
-        spec = CATALOG.get(r["source"]) if r["in_catalog"] else None
-        if spec is not None and is_shipped(spec.weights) and (r["loaded"] is None or r["loaded"].get("shipped")):
-            card = shipped_dir(r["source"]) / "README.md"
-            if card.is_file():
-                out[f"teacher-card-{r['source']}.md"] = card
-    return out
-
-
-_PATH_IN_TEXT = re.compile(r"(?<![^\s'\"`(:=])(?:[A-Za-z]:\\|/(?!/)|~)[^\s'\"`,;()]+")
-
-
-def _redact_text(text: str) -> str:
-    """``text`` with every absolute path in it as ``<local>/`` + its last part."""
-    return _PATH_IN_TEXT.sub(lambda m: redact_local_path(m.group(0)), text)
 
 
 def _num(value: Any) -> str:
@@ -554,10 +309,10 @@ def _teacher_table(rows: list[dict[str, Any]]) -> list[str]:
 def _loaded_line(row: Mapping[str, Any]) -> str:
     """One teacher whose weights are not its catalog model's: why, what was loaded, and whose licence it is."""
     info = row.get("loaded") or {}
-    what = [f"architecture `{_redact_text(info['architecture'])}` (its own config)"] if info.get("architecture") else []
+    what = [f"architecture `{redact_text(info['architecture'])}` (its own config)"] if info.get("architecture") else []
     if info.get("file"):
         what.append(f"weights file `{info['file']}`, sha256 `{info.get('sha256')}`")
-    why = _redact_text(info.get("why") or "not a catalog teacher")
+    why = redact_text(info.get("why") or "not a catalog teacher")
     head = f"not the catalog's `{row['source']}`: {why}" if row["catalog_name"] else why
     loaded = f" Loaded: {'; '.join(what)}." if what else ""
     if row.get("user_licence"):
@@ -619,73 +374,3 @@ def _speed_lines(speed: Mapping[str, Any]) -> list[str]:
             "",
         ]
     return lines
-
-
-# --------------------------------------------------------------------------- merged students (multiteach merge)
-#: Sections of a parent's card that described the parent's own weights and do not hold for a merge.
-PARENT_ONLY_SECTIONS = ("## Evaluation", "## Speed and size")
-
-
-def merged_card(
-    base: str,
-    parents: list[Mapping[str, Any]],
-    alpha: float,
-    differences: list[str] | None = None,
-    nearer: int = 0,
-) -> str:
-    """The card of a weight-space merge (``multiteach merge``): the nearer parent's card, retitled, with a "Merged
-    parents" section naming both parents and alpha, and without the parent's evaluation and speed tables.
-
-    Args:
-        base: The nearer parent's ``README.md`` (empty for an export without one).
-        parents: Per parent ``{source, recipe, weights, step, teachers}``, first then second.
-        alpha: Weight of the second parent: ``(1 - alpha) * first + alpha * second``.
-        differences: Recipe keys the parents differ in, ``"key: first vs second"``.
-        nearer: Which parent ``base`` (and the export's ``recipe.yaml``) belongs to, 0 or 1.
-    """
-    first, second = parents
-    title = f"# merge of {first['recipe']} and {second['recipe']} (alpha {alpha:g})"
-    rows = "".join(
-        f"| {label} `{p['source']}` | {weight:g} | {p['recipe']} | {p['weights']} | {p['step']} | "
-        f"{', '.join(p['teachers']) or 'none'} |\n"
-        for label, p, weight in (("first", first, 1 - alpha), ("second", second, alpha))
-    )
-    section = [
-        "## Merged parents",
-        "",
-        f"These weights are a weight-space interpolation (WiSE-FT, Wortsman et al. 2022) of two students of one "
-        f"architecture: `(1 - alpha) * first + alpha * second` with alpha = {alpha:g}, for the backbone and for the "
-        "heads both parents have.",
-        "",
-        "| parent | share | recipe | weights | step | teachers |",
-        "|---|---|---|---|---|---|",
-        rows.rstrip("\n"),
-        "",
-        f"The sections below and `recipe.yaml` are those of the {('first', 'second')[nearer]} (nearer) parent; "
-        "the parents' own evaluation and speed tables are left out, as they do not describe the merge.",
-        "",
-    ]
-    if differences:
-        section += ["The parents were trained from different recipes; they differ in:", ""]
-        section += [f"- `{d}`" for d in differences] + [""]
-    if sorted(first["teachers"]) != sorted(second["teachers"]):
-        section += [
-            "The parents had different teachers: the merged weights derive from both, so the terms of every "
-            "teacher listed above apply, not only those in the Licence section.",
-            "",
-        ]
-    lines = base.splitlines() if base else ["# merge"]
-    at = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
-    if at is None:
-        lines, at = [title, *lines], 0
-    lines[at] = title
-    kept, skipping = [], False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() in PARENT_ONLY_SECTIONS
-        if not skipping:
-            kept.append(line)
-    end = at + 1
-    while end < len(kept) and not kept[end].startswith("## "):
-        end += 1
-    return "\n".join([*kept[:end], *section, *kept[end:]])

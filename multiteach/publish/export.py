@@ -14,7 +14,7 @@
 * ``recipe.yaml``: the resolved recipe, its local paths replaced by ``<local>/`` + the file or folder name
   (``keep_paths`` keeps them);
 * ``README.md``: a Hugging Face model card (:mod:`multiteach.publish.card`: licence inherited from the
-  teachers, loading line, recipe, data, optional evaluation and speed tables).
+  teachers (:mod:`multiteach.publish.provenance`), loading line, recipe, data, optional evaluation and speed tables).
 
 No file of an export names an absolute local path (data, teacher weights, run folder): ``config.json``, the card
 and the safetensors metadata never do, ``recipe.yaml`` only with ``keep_paths``, so a public ``--push`` publishes
@@ -46,11 +46,10 @@ import multiteach
 from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.errors import MultiteachError
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
-from multiteach.publish.card import (
-    PLACEHOLDER_REPO,
+from multiteach.publish.card import PLACEHOLDER_REPO, model_card
+from multiteach.publish.provenance import (
     checkpoint_step,
     loaded_teachers,
-    model_card,
     teacher_card_files,
     teacher_rows,
     used_teachers,

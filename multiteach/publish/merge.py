@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 import multiteach
 from multiteach.atomic import atomic_save_safetensors, atomic_write_json
 from multiteach.errors import MultiteachError
-from multiteach.publish.card import merged_card
+from multiteach.nested import flatten
 from multiteach.publish.export import EXPORT_FILES, _swap_in, export_run, load_heads, split_shared
+from multiteach.publish.merged_card import merged_card
 
 log = logging.getLogger("multiteach.publish.merge")
 
@@ -165,22 +166,10 @@ def recipe_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
     Where a run lived (:data:`IGNORED_RECIPE_KEYS`) is left out; a section only one side has is one entry.
     """
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a, keep_empty=True), flatten(b, keep_empty=True)
     keys = sorted(k for k in set(fa) | set(fb) if not any(k == i or k.startswith(i + ".") for i in IGNORED_RECIPE_KEYS))
     absent = "(absent)"
     return [f"{k}: {_short(fa.get(k, absent))} vs {_short(fb.get(k, absent))}" for k in keys if fa.get(k) != fb.get(k)]
-
-
-def _flatten(d: Mapping[str, Any], at: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b.c": leaf}`` (lists are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        path = f"{at}.{key}" if at else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -7,6 +7,7 @@ by their callers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from typing import Any
 LOCAL_PLACEHOLDER = "<local>"
 #: Source prefixes that may stand before a local path (``local-dir:/models/uni``, ``open_clip:local-dir:...``).
 _PATH_PREFIXES = ("open_clip:", "transformers:", "local-dir:", "file://", "file:")
+#: An absolute path inside free text (at its start, or after a space, quote, backtick, ``(``, ``:`` or ``=``).
+_PATH_IN_TEXT = re.compile(r"(?<![^\s'\"`(:=])(?:[A-Za-z]:\\|/(?!/)|~)[^\s'\"`,;()]+")
 
 
 def redact_local_path(value: str, force: bool = False) -> str:
@@ -54,3 +57,8 @@ def redact_path_slot(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_path_slot(v) for v in value]
     return redact_local_path(value, force=True) if isinstance(value, str) else value
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every absolute path in it as ``<local>/`` + its last part."""
+    return _PATH_IN_TEXT.sub(lambda m: redact_local_path(m.group(0)), text)

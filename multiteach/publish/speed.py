@@ -26,8 +26,8 @@ from torch import nn
 
 from multiteach.errors import MultiteachError
 from multiteach.hardware import resolve_dtype
-from multiteach.publish.card import used_teachers
 from multiteach.publish.export import load_export
+from multiteach.publish.provenance import used_teachers
 from multiteach.runs import load_run_student
 from multiteach.students import Student
 from multiteach.teachers import CATALOG, Teacher, build_teacher

@@ -18,7 +18,7 @@ import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -32,10 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from multiteach.errors import MultiteachError
+from multiteach.teachers.base import TeacherSpec
 from multiteach.teachers.keycheck import compare
-
-if TYPE_CHECKING:
-    from multiteach.teachers.base import TeacherSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPER_KEYS = ("state_dict", "teacher", "model", "module")
