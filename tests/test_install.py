@@ -71,8 +71,9 @@ def test_python_dash_m_runs_the_cli():
     assert "| h-optimus-0 | 1536 (cls) | 14 | 261 | 1134.77M |" in res.stdout
 
 
-def test_cli_reports_user_errors_without_traceback(capsys):
-    from multiteach.cli import COMMANDS
+def test_cli_reports_user_errors_without_traceback(capsys, monkeypatch):
+    from multiteach import cli
+    from multiteach.cli.command import Command
     from multiteach.errors import MultiteachError
 
     def boom(_p):
@@ -81,9 +82,6 @@ def test_cli_reports_user_errors_without_traceback(capsys):
 
         return run
 
-    COMMANDS["_boom"] = ("test", boom, None)
-    try:
-        assert main(["_boom"]) == 2
-    finally:
-        del COMMANDS["_boom"]
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, Command("_boom", "test", boom)))
+    assert main(["_boom"]) == 2
     assert "multiteach _boom: error: bad thing named clearly" in capsys.readouterr().err
