@@ -11,8 +11,9 @@ really start two gloo processes.) Re-running the same command into the same run 
 its last complete checkpoint. ``train.distributed.strategy`` picks DDP (default), FSDP2 or DeepSpeed; the
 last two need CUDA and are refused elsewhere (``examples/multinode/README.md``).
 
-:func:`train` reads as set-up, the loop, the end. Its helpers: the run-directory checks (:func:`_resume_from`,
-:func:`_start_run_dir`), the per-step hyper-parameters (:func:`_step_hparams`), the per-step record
+:func:`train` reads as set-up, the loop, the end. Its helpers: the run-directory checks and records
+(:mod:`multiteach.run_setup`), the data, models and resumed state (:func:`_set_up`), Accelerate's wrapping
+(:func:`_prepare`), the per-step hyper-parameters (:func:`_step_hparams`), the per-step record
 (:class:`multiteach.step_log.StepLog`) and the checkpoint/stop handling (:func:`_checkpoint_or_stop`);
 Accelerate's plugins, sharded optimiser state and checkpoint writing live in :mod:`multiteach.engine`.
 """
@@ -20,7 +21,6 @@ Accelerate's plugins, sharded optimiser state and checkpoint writing live in :mo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,8 +37,7 @@ from accelerate.utils import gather_object
 
 from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, training_source
 from multiteach.cache import open_cache, uses_cache
-from multiteach.checkpoint import latest_checkpoint, load_checkpoint
-from multiteach.config import save_resolved
+from multiteach.checkpoint import load_checkpoint
 from multiteach.data.sources import cacheable_paths
 from multiteach.distributed import check_strategy
 from multiteach.ema import EMA
@@ -54,6 +53,7 @@ from multiteach.errors import MultiteachError, RunInterrupted
 from multiteach.hardware import resolve_precision
 from multiteach.losses import active_teachers
 from multiteach.losses.expert_heads import fit_missing_heads, terms_needing_heads
+from multiteach.run_setup import recipe_hash, resume_from, start_run_dir
 from multiteach.run_summary import render as render_summary
 from multiteach.run_summary import stored_summary
 from multiteach.schedules import cosine, linear_warmup
@@ -106,14 +106,6 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
-
-
-def recipe_hash(recipe: Any) -> str:
-    """Hash of the parts of a recipe that define the maths of a run (not logging/checkpoint cadence)."""
-    d = recipe.to_dict()
-    d.pop("train", None)
-    d.pop("output_dir", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
@@ -171,7 +163,7 @@ def train(recipe: Any, resume: bool | None = None, stop: StopRequest | None = No
 
 
 def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
-    """:func:`train` with its stop flag in place: set-up, the loop, the end."""
+    """:func:`train` with its stop flag in place: set-up, the loop (step, log, checkpoint, stop), the end."""
     n_threads, threads_from = choose_threads(recipe.train.threads)
     torch.set_num_threads(n_threads)
     # fsdp/deepspeed where Accelerate cannot shard (no CUDA) are refused before anything is built.
@@ -184,51 +176,22 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
 
     # --- 1. the run directory: refuse a different recipe, find where to resume ----------------------
     digest = recipe_hash(recipe)
-    last = _resume_from(run_dir, digest, resume)
+    last = resume_from(run_dir, digest, resume)
     saved = json.loads((last / "state.json").read_text()) if last is not None else {}
     if last is not None and saved["step"] >= recipe.schedule.steps:
         return _already_finished(acc, recipe, run_dir, last, saved)
 
-    # --- 2. data first: a bad folder fails before any model is built --------------------------------
-    # with slides the main process builds a missing tissue index first; the other processes then load it warm
-    with acc.main_process_first() if recipe.data.slides is not None else contextlib.nullcontext():
-        tiles = training_source(recipe)
-    # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
-    cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
-    # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
-    checked = preflight(recipe, active_teachers(recipe.active_losses())) if cache is None else None
-    seed_everything(recipe.seed)
-    comps = build_components(recipe, cache=cache)
-    model, teachers = comps.model, comps.teachers
-    ema = EMA(model) if (model.needs_ema() or recipe.train.keep_ema) else None
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, recipe.optim.weight_decay, recipe.optim.layer_decay),
-        lr=recipe.optim.lr,
-        betas=tuple(recipe.optim.betas),
-    )
-    state: dict[str, Any] = {"step": 0, "images": 0, "rng": None}
-    if last is not None:  # a sharded optimiser loads its state after prepare (restore_sharded_optimizer)
-        state = load_checkpoint(last, model, ema.module if ema else None, optimizer if strategy == "ddp" else None)
-        log.info("resuming from %s (step %d)", last, state["step"])
+    # --- 2. data first (a bad folder fails before any model is built), models, optimiser, resumed state ---
+    tiles, cache, checked, model, teachers, ema, optimizer, state = _set_up(acc, recipe, last)
     start = state["step"]
-    _expert_heads(recipe, model, teachers, cache, tiles, state, resumed=last is not None)
     file_log: logging.Handler | None = None
     if acc.is_main_process:
-        file_log = _start_run_dir(recipe, run_dir, model, teachers, cache, tiles, state, (n_threads, threads_from))
+        file_log = start_run_dir(recipe, run_dir, model, teachers, cache, tiles, state, (n_threads, threads_from))
         if checked is not None:  # what each teacher really loaded, for the model card (teachers.json)
             write_teacher_record(run_dir, recipe, checked)
 
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
-    if recipe.train.compile:
-        model = torch.compile(model)
-    configure_engine(acc, model, micro)
-    model, optimizer = acc.prepare(model, optimizer)
-    if last is not None and strategy != "ddp":
-        restore_sharded_optimizer(acc, model, optimizer, last, strategy)
-    for t in teachers.values():
-        t.to(acc.device)
-    if ema is not None:
-        ema.to(acc.device)
+    model, optimizer = _prepare(acc, recipe, model, optimizer, teachers, ema, last, micro)
     unwrapped = acc.unwrap_model(model)
     batches = iter(data_loader(recipe, tiles, unwrapped.student, rank, world, start, cache=cache))
     if state["rng"] is not None:  # after the loader drew its seed, exactly as the uninterrupted run did
@@ -349,31 +312,45 @@ def _already_finished(acc: Accelerator, recipe: Any, run_dir: Path, last: Path, 
     return run_dir
 
 
-def _resume_from(run_dir: Path, digest: str, resume: bool | None) -> Path | None:
-    """The checkpoint to resume from (None: start afresh), after checking the run directory holds this recipe.
+class _SetUp(NamedTuple):
+    """What :func:`_set_up` builds, before Accelerate wraps anything."""
 
-    Args:
-        run_dir: The recipe's ``output_dir``.
-        digest: :func:`recipe_hash` of the recipe.
-        resume: As :func:`train`'s ``resume``.
+    tiles: Any  # the training source
+    cache: Any  # the teacher-feature cache, or None (live teachers)
+    checked: Any  # the weights doctor's findings per teacher, or None (with a cache)
+    model: Any  # the trainable model: student, heads, loss
+    teachers: Mapping[str, Any]
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    state: dict[str, Any]  # step, images, rng (the checkpoint's, or a fresh run's), fitted expert heads
 
-    Raises:
-        MultiteachError: the directory holds a run of another recipe; ``resume=False`` and it holds
-            checkpoints; ``resume=True`` and it holds none.
-    """
-    last = latest_checkpoint(run_dir)
-    if last is not None:
-        saved = json.loads((last / "state.json").read_text())
-        if saved.get("recipe_hash") != digest:
-            raise MultiteachError(
-                f"{run_dir} holds a run of a different recipe (checkpoint {last.name}); choose another "
-                "output_dir, or delete the old checkpoints to start over"
-            )
-        if resume is False:
-            raise MultiteachError(f"{run_dir} already has checkpoints; pass --resume or use a new output_dir")
-    elif resume:
-        raise MultiteachError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    return last
+
+def _set_up(acc: Accelerator, recipe: Any, last: Path | None) -> _SetUp:
+    """Data first (a bad folder fails before any model is built), the teachers' weights check, the model, EMA
+    and optimiser, the checkpoint ``last`` loaded into them (None: a fresh run), then the expert heads."""
+    strategy = recipe.train.distributed.strategy
+    # with slides the main process builds a missing tissue index first; the other processes then load it warm
+    with acc.main_process_first() if recipe.data.slides is not None else contextlib.nullcontext():
+        tiles = training_source(recipe)
+    # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
+    cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
+    # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
+    checked = preflight(recipe, active_teachers(recipe.active_losses())) if cache is None else None
+    seed_everything(recipe.seed)
+    comps = build_components(recipe, cache=cache)
+    model, teachers = comps.model, comps.teachers
+    ema = EMA(model) if (model.needs_ema() or recipe.train.keep_ema) else None
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, recipe.optim.weight_decay, recipe.optim.layer_decay),
+        lr=recipe.optim.lr,
+        betas=tuple(recipe.optim.betas),
+    )
+    state: dict[str, Any] = {"step": 0, "images": 0, "rng": None}
+    if last is not None:  # a sharded optimiser loads its state after prepare (restore_sharded_optimizer)
+        state = load_checkpoint(last, model, ema.module if ema else None, optimizer if strategy == "ddp" else None)
+        log.info("resuming from %s (step %d)", last, state["step"])
+    _expert_heads(recipe, model, teachers, cache, tiles, state, resumed=last is not None)
+    return _SetUp(tiles, cache, checked, model, teachers, ema, optimizer, state)
 
 
 def _expert_heads(
@@ -394,45 +371,34 @@ def _expert_heads(
             term.target_ready = True  # restored from the checkpoint with the rest of the model
 
 
-def _start_run_dir(
+def _prepare(
+    acc: Accelerator,
     recipe: Any,
-    run_dir: Path,
     model: Any,
+    optimizer: torch.optim.Optimizer,
     teachers: Mapping[str, Any],
-    cache: Any,
-    tiles: Any,
-    state: dict[str, Any],
-    threads: tuple[int, str],
-) -> logging.Handler:
-    """Main process: create the run directory, log to its ``train.log`` (appending across resumes), write
-    ``recipe.yaml``, ``data.json`` and (fitted heads) ``expert_heads.json``, and log what is trained.
+    ema: EMA | None,
+    last: Path | None,
+    micro: int,
+) -> tuple[Any, torch.optim.Optimizer]:
+    """Accelerate wraps the trainable model (compiled first with ``train.compile``) and its optimiser, whose
+    sharded state (fsdp, deepspeed) is restored from ``last`` now; the teachers and the EMA are only moved.
 
     Returns:
-        The ``train.log`` handler on the ``multiteach`` logger (the caller removes and closes it).
+        The wrapped model and optimiser.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger("multiteach")
-    file_log = logging.FileHandler(run_dir / "train.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    root.addHandler(file_log)
-    root.setLevel(logging.INFO)
-    if state.get("fitted_expert_heads"):
-        (run_dir / "expert_heads.json").write_text(json.dumps({"fitted": state["fitted_expert_heads"]}))
-        log.warning("fitted expert heads (not the teacher's own): %s", ", ".join(state["fitted_expert_heads"]))
-    save_resolved(recipe, run_dir)
-    log.info(
-        "%s | student %s (%.2fM params) | teachers: %s",
-        model.loss,
-        recipe.student.arch,
-        sum(p.numel() for p in model.student.parameters()) / 1e6,
-        ", ".join(teachers) or (f"{', '.join(cache.names)} (cached in {cache.dir})" if cache else "none"),
-    )
-    log.info("intra-op threads per process: %d (%s)", *threads)
-    facts = tiles.describe()
-    (run_dir / "data.json").write_text(json.dumps({"tiles": len(tiles), **facts}, indent=2))
-    if facts["skipped"]:
-        log.warning("skipped %d unreadable input(s) in %s (listed in data.json)", len(facts["skipped"]), tiles.source)
-    return file_log
+    strategy = recipe.train.distributed.strategy
+    if recipe.train.compile:
+        model = torch.compile(model)
+    configure_engine(acc, model, micro)
+    model, optimizer = acc.prepare(model, optimizer)
+    if last is not None and strategy != "ddp":
+        restore_sharded_optimizer(acc, model, optimizer, last, strategy)
+    for t in teachers.values():
+        t.to(acc.device)
+    if ema is not None:
+        ema.to(acc.device)
+    return model, optimizer
 
 
 class StepHParams(NamedTuple):
