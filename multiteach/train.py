@@ -38,7 +38,6 @@ from accelerate.utils import gather_object
 from multiteach.build import build_components, build_teachers, check_batch_split, data_loader, training_source
 from multiteach.cache import open_cache, uses_cache
 from multiteach.checkpoint import load_checkpoint
-from multiteach.data.sources import cacheable_paths
 from multiteach.distributed import check_strategy
 from multiteach.ema import EMA
 from multiteach.engine import (
@@ -193,7 +192,8 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     # --- 3. Accelerate: wrap the trainable model; teachers and EMA are only moved ------------------
     model, optimizer = _prepare(acc, recipe, model, optimizer, teachers, ema, last, micro)
     unwrapped = acc.unwrap_model(model)
-    batches = iter(data_loader(recipe, tiles, unwrapped.student, rank, world, start, cache=cache))
+    replay = cache.replay if cache is not None else None
+    batches = iter(data_loader(recipe, tiles, unwrapped.student, rank, world, start, cache=replay))
     if state["rng"] is not None:  # after the loader drew its seed, exactly as the uninterrupted run did
         torch.set_rng_state(state["rng"])
     if acc.is_main_process and recipe.train.trackers:
@@ -210,8 +210,10 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
         if world > 1:
             book.summary.add_skipped(gather_object(list(book.summary.skipped.items())))
 
-    def save(at: int) -> None:  # a checkpoint of optimiser step ``at``
+    def save(at: int) -> None:  # a checkpoint of optimiser step ``at`` (and the cache rows computed so far)
         share_skipped()
+        if cache is not None:
+            cache.flush()
         batch = micro * world * accum
         write_checkpoint(acc, run_dir, at, unwrapped, ema, optimizer, digest, batch, strategy, book.summary.progress())
 
@@ -250,6 +252,9 @@ def _train(recipe: Any, resume: bool | None, stop: StopRequest) -> Path:
     finally:
         book.close()
         del batches  # shuts the DataLoader workers down now, not when a traceback lets go of this frame
+        if cache is not None:  # rows computed after the last checkpoint are as good as any: keep them
+            cache.flush()
+            log.info("%s", cache.describe())
         if file_log is not None:
             logging.getLogger("multiteach").removeHandler(file_log)
             file_log.close()
@@ -332,8 +337,11 @@ def _set_up(acc: Accelerator, recipe: Any, last: Path | None) -> _SetUp:
     # with slides the main process builds a missing tissue index first; the other processes then load it warm
     with acc.main_process_first() if recipe.data.slides is not None else contextlib.nullcontext():
         tiles = training_source(recipe)
-    # a teacher-feature cache (cache.dir) replaces the teachers: checked against the recipe, never loaded
-    cache = open_cache(recipe.cache.dir, recipe, tile_paths=cacheable_paths(tiles)) if uses_cache(recipe) else None
+    # a teacher-target cache (cache.dir) replaces the teachers: its key checked against the recipe; the teachers
+    # are loaded only to fill rows it lacks (and, for a new folder, to record their specs and fit the PCA)
+    cache = open_cache(recipe, rank=acc.process_index) if uses_cache(recipe) else None
+    if cache is not None:
+        cache.prime(tiles, acc.device)
     # the weights doctor reads file headers only: a wrong checkpoint fails in seconds
     checked = preflight(recipe, active_teachers(recipe.active_losses())) if cache is None else None
     seed_everything(recipe.seed)
@@ -425,9 +433,9 @@ def _step_hparams(recipe: Any, step: int, optimizer: torch.optim.Optimizer) -> S
 
 def _targets(batch: Mapping[str, Any], cache: Any, teachers: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """The teachers' targets for the batch's global crops ``batch["global"]`` (n_global * B, 3, G, G): read
-    from the feature cache (the cached views of this batch, by ``batch["cache_keys"]``) or computed live."""
+    through the target cache (stored rows read, the others computed and stored) or computed live."""
     if cache is not None:
-        return cache.targets(batch["cache_keys"], device)
+        return cache(batch, device)
     with torch.no_grad():
         return {name: t(batch["global"]).as_target() for name, t in teachers.items()}
 

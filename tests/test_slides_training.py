@@ -13,8 +13,7 @@ import torch
 from multiteach.build import build_components, data_loader, training_source
 from multiteach.cli import main
 from multiteach.config import load_recipe
-from multiteach.data.sources import cacheable_paths, open_tile_source
-from multiteach.errors import MultiteachError
+from multiteach.data.sources import open_tile_source
 from multiteach.train import train
 
 from .engine_fixtures import cli, recipe_yaml, torchrun
@@ -90,8 +89,6 @@ def test_training_from_slides_lists_a_corrupt_slide_and_runs_with_workers(tmp_pa
 
 def test_a_frozen_sample_of_the_stream_is_a_cacheable_coordinate_list(tmp_path, slides, capsys):
     recipe = slide_recipe(tmp_path, slides)
-    with pytest.raises(MultiteachError, match="multiteach data sample"):
-        cacheable_paths(training_source(recipe))
     out = tmp_path / "coords.csv"
     args = ["data", "sample", str(tmp_path / "recipe.yaml"), "data.train=null", f"data.slides.source={slides}",
             "data.slides.target_mpp=[0.5,1.0]", "data.slides.tile_size=64", f"data.slides.thumb_size={THUMB}",
@@ -105,7 +102,7 @@ def test_a_frozen_sample_of_the_stream_is_a_cacheable_coordinate_list(tmp_path, 
         (d.slide, d.x, d.y, d.target_mpp) for d in draws
     ]
     frozen = open_tile_source([out], ["png"])
-    keys = cacheable_paths(frozen)
+    keys = frozen.paths
     assert len(keys) == 200 and keys[0] == f"{draws[0].slide}@{draws[0].x},{draws[0].y}@{draws[0].target_mpp:g}"
     same = [abs(frozen.read(i, 0).image.size[0] - 64) for i in (0, 199)]
     assert same == [0, 0]
@@ -113,9 +110,11 @@ def test_a_frozen_sample_of_the_stream_is_a_cacheable_coordinate_list(tmp_path, 
     assert main(no_slides) == 2 and "data.slides is not set" in capsys.readouterr().err
     cache = tmp_path / "cache"  # the frozen sample feeds a teacher-feature cache, and training reads from it
     frozen_run = [str(tmp_path / "recipe.yaml"), f"data.train={out}", "data.augment.hed=null",
-                  f"cache={{dir: {cache}, shard_tiles: 100, n_views: 1}}"]  # fmt: skip
-    assert main(["cache", *frozen_run]) == 0 and "200 tiles x 1 views of uni" in capsys.readouterr().out
-    run = train(load_recipe(frozen_run[0], [*frozen_run[1:], "schedule.steps=2", "data.num_workers=0"]))
+                  f"cache={{dir: {cache}, shard_tiles: 100, views_per_tile: 1}}", "schedule.steps=2",
+                  "data.num_workers=0"]  # fmt: skip
+    assert main(["cache", *frozen_run]) == 0
+    assert "rows: 64 tile views of 64 tiles (1 views per tile)" in capsys.readouterr().out  # 2 steps x 32 tiles
+    run = train(load_recipe(frozen_run[0], frozen_run[1:]))
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
 

@@ -1,50 +1,49 @@
-"""Teacher-feature cache: run every teacher once on fixed views of every tile, store its summary and patch tokens,
-and train any number of students (an ablation sweep) from them.
+"""Teacher-target cache: every teacher runs once per (tile, view); any number of students (an ablation sweep) then
+train from the stored targets.
 
-Build one with ``multiteach cache RECIPE [key=value ...] [--out DIR]`` (or :func:`write_cache`); train from it
-by setting ``cache.dir`` in the recipe.
+Set ``cache.dir`` in a recipe: training reads the rows it finds and computes, stores and uses the others, from
+tile folders, lists, coordinates, shards or slides (online patching) alike. ``multiteach cache RECIPE`` fills a
+folder ahead of a sweep; ``multiteach cache info DIR`` says what it holds.
 
 Modules:
-    layout: The folder's on-disk format (shard and index names, metadata key, stored dtypes) and settings.
-    key: What makes a cache stale: the cache key (weights, preprocessing, views, storage, tiles) and its diff.
-    views: Which fixed views of a tile are cached, and the dataset that draws and renders them.
-    write: Running the teachers over the views, writing shards (resumable, rank-split) and merging the index.
-    read: The memory-mapped :class:`FeatureCache` training reads, and :func:`open_cache` (refuses stale caches).
+    settings: The recipe's ``cache:`` settings and the folder format version.
+    compress: Stored precisions (float32/bfloat16/float16/int8 with per-token scales) and the patch-token PCA.
+    key: What the targets depend on (teachers' weights and preprocessing, view spec, storage) and its diff.
+    store: The folder on disk: append-only shards keyed by (tile identity, view), written by independent writers.
+    views: The ``views_per_tile`` replayed views of a tile, drawn from its identity.
+    targets: :class:`CachedTargets`, what training calls per batch (read, or compute and store), and
+        :func:`open_cache`.
+    fill: :func:`write_cache`, filling a folder with the rows a recipe's run reads, and :func:`cache_info`.
 """
 
-from multiteach.cache.key import WEIGHT_SUFFIXES, cache_key, file_fingerprint, stale_reasons, state_dict_hash
-from multiteach.cache.layout import (
-    FORMAT,
-    INDEX,
-    META_KEY,
-    SHARD_RE,
-    STORE_DTYPES,
-    cache_settings,
-    shard_name,
-    uses_cache,
-)
-from multiteach.cache.read import FeatureCache, open_cache
-from multiteach.cache.views import cache_view_params, view_seed
-from multiteach.cache.write import merge_index, pool_patch_tokens, write_cache
+from multiteach.cache.compress import PatchPCA, canonical_dtype, cosine_fidelity
+from multiteach.cache.fill import cache_info, render_info, write_cache
+from multiteach.cache.key import WEIGHT_SUFFIXES, cache_key, file_fingerprint, key_diff, state_dict_hash
+from multiteach.cache.settings import FORMAT, cache_settings, uses_cache
+from multiteach.cache.store import TargetStore, row_key, tile_identity
+from multiteach.cache.targets import CachedTargets, open_cache, pool_patch_tokens
+from multiteach.cache.views import ViewReplay, view_seed
 
 __all__ = [
     "FORMAT",
-    "INDEX",
-    "META_KEY",
-    "SHARD_RE",
-    "STORE_DTYPES",
     "WEIGHT_SUFFIXES",
-    "FeatureCache",
+    "CachedTargets",
+    "PatchPCA",
+    "TargetStore",
+    "ViewReplay",
+    "cache_info",
     "cache_key",
     "cache_settings",
-    "cache_view_params",
+    "canonical_dtype",
+    "cosine_fidelity",
     "file_fingerprint",
-    "merge_index",
+    "key_diff",
     "open_cache",
     "pool_patch_tokens",
-    "shard_name",
-    "stale_reasons",
+    "render_info",
+    "row_key",
     "state_dict_hash",
+    "tile_identity",
     "uses_cache",
     "view_seed",
     "write_cache",

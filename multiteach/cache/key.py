@@ -1,10 +1,10 @@
-"""What makes a cache stale: the cache key, a JSON fingerprint of everything its features depend on.
+"""What a cache's targets depend on: the cache key (a JSON fingerprint of the teachers' weights and preprocessing,
+the view spec and the storage), and :func:`key_diff`, which names what differs between two keys.
 
 Per teacher: source + weights fingerprint (safetensors header, size and sampled chunks of the weights file(s),
 or a hash of the state dict for random-init teachers) + preprocessing (input size, mean/std, interpolation,
-dtype, embedding rule); the view spec (global crop size/scale, augmentation, seed, n_views); the storage
-(dtype, patch pooling); and a hash of the tile list (paths and sizes). :func:`multiteach.cache.open_cache`
-recomputes it and refuses a cache built for anything else, naming what changed (:func:`stale_reasons`).
+dtype, embedding rule); the view spec (global crop size/scale, augmentation, seed, views per tile); the storage
+(dtype, patch pooling, PCA dims). Tiles are not in the key: every stored row is keyed by its tile's identity.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import timm
 import torch
 
 from multiteach.build import build_teachers, multicrop_transform, spec_overrides
-from multiteach.cache.layout import FORMAT, cache_settings, store_dtype
+from multiteach.cache.compress import canonical_dtype
+from multiteach.cache.settings import FORMAT, cache_settings
 from multiteach.errors import MultiteachError
-from multiteach.losses import active_teachers
 from multiteach.nested import flatten
 from multiteach.teachers import resolve_spec
 from multiteach.teachers.base import Teacher, TeacherSpec
@@ -30,12 +30,10 @@ from multiteach.teachers.weights import hub_weights
 
 __all__ = [
     "WEIGHT_SUFFIXES",
-    "build_digest",
     "cache_key",
     "file_fingerprint",
     "key_diff",
     "remember_state_dict_hashes",
-    "stale_reasons",
     "state_dict_hash",
 ]
 
@@ -135,29 +133,17 @@ def _preprocessing_part(recipe: Any, name: str) -> dict[str, Any]:
     }
 
 
-def _views_part(recipe: Any, n_views: int) -> dict[str, Any]:
+def _views_part(recipe: Any, views_per_tile: int) -> dict[str, Any]:
     crops, aug = recipe.data.global_crops, recipe.to_dict()["data"]["augment"]
     return {
-        "rule": "sample_params[0] with sha256('{seed}/cache/{tile}/{view}') seeding",
+        "rule": "sample_params[0] seeded by sha256('{seed}/cache/{tile identity}/{view}')",
         "seed": recipe.seed,
-        "n_views": n_views,
+        "views_per_tile": views_per_tile,
         "global_size": crops.size,
         "global_scale": list(crops.scale),
         **aug,
         "blur_sigma": list(multicrop_transform(recipe).blur.sigma),
     }
-
-
-def _tiles_part(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """Hash of the tiles' provenance and file sizes (for a tile read from a slide, ``slide@x,y@mpp``, the slide's)."""
-    h = hashlib.sha256()
-    sizes: dict[str, int] = {}
-    for p in paths:
-        file = str(p).split("@", 1)[0]
-        if file not in sizes:
-            sizes[file] = Path(file).stat().st_size
-        h.update(f"{p}\t{sizes[file]}\n".encode())
-    return {"n": len(paths), "sha256": h.hexdigest()}
 
 
 # State-dict hashes of teachers built without weight files (random init), by what determines their
@@ -201,27 +187,30 @@ def remember_state_dict_hashes(recipe: Any, key: Mapping[str, Any]) -> None:
         _STATE_DICT_HASHES[_init_key(recipe, order, n)] = key["teachers"][n]["weights"]["state_dict"]
 
 
-def cache_key(recipe: Any, tile_paths: Sequence[str | Path], teachers: Mapping[str, Teacher] | None = None) -> dict:
-    """What a cache's features depend on, as plain JSON data.
+def cache_key(recipe: Any, names: Sequence[str], teachers: Mapping[str, Teacher] | None = None) -> dict:
+    """What a cache's targets depend on, as plain JSON data (the folder's ``cache.json``).
 
     Args:
         recipe: The recipe (teachers, ``data.global_crops``/``augment``, ``seed``, ``cache`` settings).
-        tile_paths: The training tiles, in dataset order.
+        names: The teachers the cache stores (the recipe's active ones when it is created).
         teachers: The loaded teachers, if at hand. Teachers identified by a state-dict hash (random init)
             that are not given are rebuilt for the hash (once per process).
 
     Returns:
-        ``{"format", "tiles", "views", "storage", "teachers": {name: {"weights", "preprocessing"}}}``.
+        ``{"format", "views", "storage", "teachers": {name: {"weights", "preprocessing"}}}``.
     """
     settings = cache_settings(recipe)
-    names = active_teachers(recipe.losses)
+    names = list(names)
     files = {n: _weight_files(recipe, n) for n in names}
     hashes = _state_dict_hashes(recipe, [n for n in names if files[n] is None], teachers or {})
     key = {
         "format": FORMAT,
-        "tiles": _tiles_part(tile_paths),
-        "views": _views_part(recipe, settings.n_views),
-        "storage": {"dtype": store_dtype(settings.dtype)[0], "patch_pool": settings.patch_pool},
+        "views": _views_part(recipe, settings.views_per_tile),
+        "storage": {
+            "dtype": canonical_dtype(settings.dtype),
+            "patch_pool": settings.patch_pool,
+            "patch_dims": settings.patch_dims,
+        },
         "teachers": {
             n: {
                 "weights": _weights_part(recipe, n, files[n], hashes.get(n)),
@@ -231,11 +220,6 @@ def cache_key(recipe: Any, tile_paths: Sequence[str | Path], teachers: Mapping[s
         },
     }
     return json.loads(json.dumps(key))  # tuples -> lists: compares equal to a key read back from JSON
-
-
-def build_digest(key: Mapping[str, Any], layout: Mapping[str, Any]) -> str:
-    """SHA-256 naming one cache build: its key plus the writers' layout (shard size, number of writers)."""
-    return _sha(json.dumps({"key": key, "layout": layout}, sort_keys=True))
 
 
 def _short(v: Any) -> str:
@@ -249,31 +233,3 @@ def key_diff(old: Any, new: Any) -> str:
     a, b = flatten(old), flatten(new)
     parts = [f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(parts)
-
-
-def stale_reasons(cached: Mapping[str, Any], current: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-    """What differs between a cache's key and the key of the current recipe, for the teachers ``names``.
-
-    Returns:
-        Human-readable reasons; empty when the cache fits.
-    """
-    if cached.get("format") != current["format"]:
-        return [f"cache format {cached.get('format')} (this version reads format {current['format']})"]
-    reasons = []
-    if cached["tiles"] != current["tiles"]:
-        c, n = cached["tiles"], current["tiles"]
-        reasons.append(f"the tile list changed ({c['n']} tiles cached, {n['n']} now; list hash {key_diff(c, n)})")
-    if cached["views"] != current["views"]:
-        reasons.append(f"the view spec changed: {key_diff(cached['views'], current['views'])}")
-    if cached["storage"] != current["storage"]:
-        reasons.append(f"the storage changed: {key_diff(cached['storage'], current['storage'])}")
-    for name in names:
-        old, new = cached["teachers"].get(name), current["teachers"][name]
-        if old is None:
-            have = ", ".join(cached["teachers"]) or "none"
-            reasons.append(f"teacher {name!r} is not in the cache (it holds {have})")
-            continue
-        for part in ("weights", "preprocessing"):
-            if old[part] != new[part]:
-                reasons.append(f"teacher {name!r} {part} changed: {key_diff(old[part], new[part])}")
-    return reasons

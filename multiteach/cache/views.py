@@ -1,12 +1,13 @@
-"""The fixed views a cache stores: which views of a tile are cached, and the dataset that draws and renders them.
+"""Replayed views: the ``views_per_tile`` augmented views of a tile a cache stores, drawn from the tile's identity.
 
-View ``v`` of tile ``i`` is the first global view that ``MultiCropTransform.sample_params`` draws from a
-generator seeded by :func:`view_seed` (recipe seed, ``"cache"``, i, v): it depends on nothing else, so any
-writer (rank, resume, batch size) draws the same views. **Training** with a cache uses view
-``(e * n_global + c) % n_views`` for global crop ``c`` of a tile in epoch ``e``
-(:func:`multiteach.data.loader.cached_view`); the student's crops are rebuilt from the parameters recorded
-in the shards (:meth:`multiteach.cache.FeatureCache.view_params`) with ``apply_view``, exactly what the
-teacher saw. Local crops and iBOT masks are drawn as without a cache.
+View ``v`` of a tile is the first global view ``MultiCropTransform.sample_params`` draws from a generator seeded by
+:func:`view_seed` (recipe seed, ``"cache"``, tile identity, v): it depends on what the tile is (its provenance and
+file, see :func:`~multiteach.cache.store.tile_identity`), never on a sample index, rank, epoch or run, so a tile
+drawn again (another epoch, another run of a sweep, online patching landing on the same position) is replayed
+with the same K views and finds their targets stored. Global crop ``c`` of a tile in epoch ``e`` is view
+``(e * n_global + c) % K`` (:func:`multiteach.data.loader.cached_view`); the parameters (crop box, dihedral
+element, HED/colour jitter, blur) are recorded with the rows. Local crops and iBOT masks are drawn as without a
+cache.
 """
 
 from __future__ import annotations
@@ -15,59 +16,51 @@ import hashlib
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
 
-from multiteach.data.views.multicrop import MultiCropTransform, ViewParams, apply_view
+from multiteach.cache.store import row_key, tile_identity
+from multiteach.data.loader import cached_view
+from multiteach.data.views.multicrop import MultiCropTransform, ViewParams
 
-__all__ = ["TileViews", "cache_view_params", "view_seed"]
+__all__ = ["ViewReplay", "view_seed"]
 
 
-def view_seed(seed: int, tile: int, view: int) -> int:
-    """A 63-bit generator seed unique to (recipe seed, ``"cache"``, tile index, view index)."""
-    digest = hashlib.sha256(f"{seed}/cache/{tile}/{view}".encode()).digest()
+def view_seed(seed: int, tile_id: str, view: int) -> int:
+    """A 63-bit generator seed unique to (recipe seed, ``"cache"``, tile identity, view index)."""
+    digest = hashlib.sha256(f"{seed}/cache/{tile_id}/{view}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def cache_view_params(
-    transform: MultiCropTransform, seed: int, tile: int, view: int, height: int, width: int
-) -> ViewParams:
-    """Parameters of cached view ``view`` of tile ``tile`` (a ``height`` x ``width`` image).
+class ViewReplay:
+    """What the training loader needs from a cache: each global crop's replayed view and its row key.
 
-    The first global view ``transform.sample_params`` draws from a generator seeded by :func:`view_seed`;
-    only the global-crop settings (size, scale, augmentation) matter.
-    """
-    g = torch.Generator().manual_seed(view_seed(seed, tile, view))
-    return transform.sample_params(height, width, generator=g)[0]
-
-
-class TileViews(Dataset):
-    """All cached views of some tiles: item ``j`` is (tile index, [n_views ViewParams dicts], (V, 3, G, G)).
+    Light and picklable (no file handle): DataLoader workers get a copy.
 
     Args:
-        tiles: The tile dataset (indexable, items are PIL images).
-        indices: The tile indices to serve, in order.
-        transform: The recipe's multi-crop transform (only its global-crop settings matter).
+        transform: The recipe's multi-crop transform (only its global-crop settings matter here).
         seed: The recipe seed.
-        n_views: Views per tile.
+        views_per_tile: K, the views stored per tile.
     """
 
-    def __init__(self, tiles: Any, indices: list[int], transform: MultiCropTransform, seed: int, n_views: int) -> None:
-        self.tiles, self.indices, self.transform, self.seed, self.n_views = tiles, indices, transform, seed, n_views
+    def __init__(self, transform: MultiCropTransform, seed: int, views_per_tile: int) -> None:
+        self.transform, self.seed, self.views_per_tile = transform, int(seed), int(views_per_tile)
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def view_params(self, tile_id: str, view: int, height: int, width: int) -> ViewParams:
+        """Parameters of view ``view`` of the tile ``tile_id`` (a ``height`` x ``width`` image)."""
+        g = torch.Generator().manual_seed(view_seed(self.seed, tile_id, view))
+        return self.transform.sample_params(height, width, generator=g)[0]
 
-    def __getitem__(self, j: int) -> tuple[int, list[dict[str, Any]], torch.Tensor]:
-        i = self.indices[j]
-        image = self.tiles[i]
-        params = [
-            cache_view_params(self.transform, self.seed, i, v, image.height, image.width) for v in range(self.n_views)
-        ]
-        threads = torch.get_num_threads()
-        if torch.utils.data.get_worker_info() is None:  # per-image ops: intra-op threads only slow them down
-            torch.set_num_threads(1)
-        try:
-            crops = torch.stack([apply_view(image, p) for p in params])
-        finally:
-            torch.set_num_threads(threads)
-        return i, [p.to_dict() for p in params], crops
+    def global_views(
+        self, image: Image.Image, provenance: str, epoch: int, n_global: int
+    ) -> tuple[list[ViewParams], list[torch.Tensor], list[list[Any]]]:
+        """The replayed global views of one tile in ``epoch``.
+
+        Returns:
+            ``(params, keys, rows)``: n_global ViewParams, n_global (16,) uint8 row keys, and n_global
+            ``[provenance, view index]`` descriptions stored with the rows.
+        """
+        tile_id = tile_identity(provenance, image.size)
+        views = [cached_view(epoch, c, n_global, self.views_per_tile) for c in range(n_global)]
+        params = [self.view_params(tile_id, v, image.height, image.width) for v in views]
+        keys = [row_key(tile_id, p.to_dict()) for p in params]
+        return params, keys, [[provenance, v] for v in views]

@@ -113,6 +113,8 @@ def _check_term(term: str, cfg: Mapping[str, Any], teachers: Collection[str], ro
 RETIRED_KEYS = {
     "data.wsi": "It was replaced by data.slides (online patching from whole-slide images), "
     "e.g. data.slides.source=SLIDES data.slides.target_mpp=[0.5]",
+    "cache.n_views": "It was renamed cache.views_per_tile (the augmented views stored per tile)",
+    "cache.batch_size": "It was removed: a cache is filled with the recipe's own batches (optim.batch_size)",
 }
 
 

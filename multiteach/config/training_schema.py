@@ -199,26 +199,39 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class CacheConfig:
-    """Teacher-feature cache (``multiteach cache``; see :mod:`multiteach.cache`).
+    """Teacher-target cache (see :mod:`multiteach.cache`).
 
     Attributes:
-        dir: Cache folder. When set, training reads the teacher targets from it instead of running the
-            teachers, and takes its global crops from the cached views.
-        n_views: Fixed global-crop views cached per tile. In epoch ``e``, global crop ``c`` of a tile is
-            cached view ``(e * n_global + c) % n_views``.
-        dtype: Stored precision of the features (``float32`` keeps them bit-exact).
+        dir: Cache folder. When set, training reads each batch's teacher targets from it, computes and stores the
+            rows it lacks, and takes the global crops from each tile's replayed views; from tile folders, lists,
+            coordinates, shards and slides (online patching) alike.
+        views_per_tile: K, the augmented global views stored per tile (crop box, flip, colour jitter, blur drawn
+            from the tile's identity). In epoch ``e``, global crop ``c`` of a tile is view ``(e * n_global + c) % K``.
+        dtype: Stored precision of summary and patch tokens: ``float32`` (exact), ``bfloat16``, ``float16`` or
+            ``int8`` (symmetric, one float16 scale per token).
         patch_pool: Average-pool the patch-token grid by ``k`` x ``k`` before storing (1 keeps it).
-        shard_tiles: Tiles per safetensors shard.
-        batch_size: Crops per teacher forward pass while writing.
+        patch_dims: Keep this many principal components of each teacher's patch tokens (a PCA fitted on view 0 of
+            the first ``pca_tiles`` tiles when the folder is created); null keeps every dimension.
+        pca_tiles: Tiles the PCA is fitted on.
+        shard_tiles: Tile views per shard file (a writer flushes a shard when it holds this many, and at every
+            checkpoint).
+        max_gb: Stop storing new rows once the folder's shards hold this many GB (null: no cap); targets beyond
+            the cap are computed and used, not stored.
     """
 
     dir: str | None = None
-    n_views: int = 4
-    dtype: Literal["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"] = "bfloat16"
+    views_per_tile: int = 4
+    dtype: Literal["bfloat16", "bf16", "float16", "fp16", "float32", "fp32", "int8"] = "bfloat16"
     patch_pool: int = 1
+    patch_dims: int | None = None
+    pca_tiles: int = 64
     shard_tiles: int = 256
-    batch_size: int = 64
+    max_gb: float | None = None
 
     def _finish(self, at: str) -> None:
-        _positive(self, at, "n_views", "patch_pool", "shard_tiles", "batch_size")
+        _positive(self, at, "views_per_tile", "patch_pool", "shard_tiles", "pca_tiles")
         _require(self.dir is None or bool(self.dir.strip()), f"{at}.dir", self.dir, "must be a non-empty path or null")
+        _require(
+            self.patch_dims is None or self.patch_dims >= 1, f"{at}.patch_dims", self.patch_dims, "must be >= 1 or null"
+        )
+        _require(self.max_gb is None or self.max_gb > 0, f"{at}.max_gb", self.max_gb, "must be > 0 or null")

@@ -39,15 +39,16 @@ class SeededMultiCrop(Dataset):
         seed: Run seed.
         mask_grid: Student patch grid (h, w) of a global crop, for iBOT masks.
         masking: ``{"probability": p, "ratio": [lo, hi]}`` or None for no masks.
-        cache: A :class:`multiteach.cache.FeatureCache`, or None. With a cache the global crops are the
-            cached views (global crop ``c`` in ``epoch`` is view :func:`cached_view`), rebuilt exactly from
-            their recorded parameters; local crops and masks are drawn as without a cache.
+        cache: A :class:`multiteach.cache.ViewReplay`, or None. With a cache the global crops are the tile's
+            replayed views (global crop ``c`` in ``epoch`` is view :func:`cached_view`), drawn from the tile's
+            identity; local crops and masks are drawn as without a cache.
         robust: ``data.robust_views``: the student's global views become perturbed copies of the clean ones
             the teachers (and a cache) see, pixel-aligned; None for the same view on both sides.
 
     Returns (per item):
         ``{"global": [n_global x (3, G, G)], "local": [n_local x (3, L, L)], "masks"?: (n_global, h*w) bool}``
-        with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (2,) int64]`` (tile, view); with
+        with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (16,) uint8]`` (row keys) and ``"cache_rows"`` (n_global
+        ``[provenance, view]``); with
         ``robust`` also ``"student_global": [n_global x (3, G, G)]`` and ``"robust": [n_global x (5,)]``
         (strength per perturbation in :data:`multiteach.data.views.perturb.ORDER`, 0 = not applied); ``"skipped"``:
         ``(what, reason)`` pairs of unreadable files or slides the source replaced while producing this tile.
@@ -82,13 +83,12 @@ class SeededMultiCrop(Dataset):
         params = self.transform.sample_params(image.height, image.width, generator=g)
         n_global = self.transform.n_global
         if self.cache is not None:  # the same draws as without a cache; only the global views are replaced
-            keys = [(index, cached_view(epoch, c, n_global, self.cache.n_views)) for c in range(n_global)]
-            params[:n_global] = [self.cache.view_params(i, v) for i, v in keys]
+            params[:n_global], keys, rows = self.cache.global_views(image, tile.provenance, epoch, n_global)
         with _one_thread():
             views = [apply_view(image, p) for p in params]
         out: dict[str, Any] = {"global": views[:n_global], "local": views[n_global:], "skipped": tile.skipped}
         if self.cache is not None:
-            out["cache_keys"] = [torch.tensor(k, dtype=torch.int64) for k in keys]
+            out["cache_keys"], out["cache_rows"] = keys, rows
         if self.masking is not None and self.mask_grid is not None:
             out["masks"] = sample_ibot_masks(
                 n_global, self.mask_grid, self.masking["probability"], tuple(self.masking["ratio"]), generator=g

@@ -29,7 +29,6 @@ __all__ = [
     "TileListSource",
     "TileSource",
     "TridentSource",
-    "cacheable_paths",
     "open_tile_source",
     "read_list",
     "source_kind",
@@ -79,20 +78,3 @@ def open_tile_source(
     if kind == "shards":
         return ShardSource.from_sources(sources)
     return TileListSource.from_sources(sources, extensions)
-
-
-def cacheable_paths(source: TileSource) -> Sequence[str]:
-    """The provenance of every tile of a finite source, by tile index: what a teacher-feature cache keys.
-
-    Raises:
-        MultiteachError: The source draws new tiles every step (online patching), so it has no fixed tiles
-            to cache.
-    """
-    paths = getattr(source, "paths", None)
-    if paths is None:
-        raise MultiteachError(
-            "cache.dir: a teacher-feature cache stores fixed tiles, and data.slides (online patching) draws new "
-            "positions every step. Freeze a sample of positions first (`multiteach data sample RECIPE --tiles N "
-            "--out coords.csv`, then data.train=coords.csv data.slides=null), or train from the slides without a cache."
-        )
-    return paths

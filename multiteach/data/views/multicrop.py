@@ -202,7 +202,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
     Returns:
         ``global`` (n_global*B, 3, G, G); ``local`` (n_local*B, 3, L, L) or None; and when present
         ``masks`` (n_global*B, N) bool, ``labels`` (B,) long, ``params`` (B lists of ViewParams),
-        ``cache_keys`` (n_global*B, 2) long (tile, cached view) when training from a feature cache;
+        ``cache_keys`` (n_global*B, 16) uint8 row keys and ``cache_rows`` (their ``[provenance, view]``) when
+        training from a feature cache;
         ``student_global`` (n_global*B, 3, G, G) and ``robust`` (n_global*B, 5) with robust views;
         ``skipped``: every sample's ``(what, reason)`` pairs of unreadable files/slides, joined (training loader).
     """
@@ -217,6 +218,8 @@ def collate_multicrop(samples: Sequence[Any]) -> dict[str, Any]:
     for key in ("cache_keys", "student_global", "robust"):
         if key in views[0]:
             out[key] = _crop_major([v[key] for v in views])
+    if "cache_rows" in views[0]:
+        out["cache_rows"] = [v["cache_rows"][c] for c in range(len(views[0]["cache_rows"])) for v in views]
     if "params" in views[0]:
         out["params"] = [v["params"] for v in views]
     if "skipped" in views[0]:
