@@ -176,8 +176,8 @@ def bench_read_speed(work: Path, n_tiles: int = 400) -> dict[str, float]:
     import torch
 
     from multiteach.config import load_recipe
-    from multiteach.data.online import open_slide_source
     from multiteach.data.lists.images import load_rgb
+    from multiteach.data.online import open_slide_source
     from multiteach.data.wsi.slide import open_slide
 
     torch.set_num_threads(1)

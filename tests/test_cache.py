@@ -134,7 +134,8 @@ def test_a_second_run_reads_every_target_and_loads_no_teacher(tmp_path, monkeypa
     for module in (multiteach.build, multiteach.cache.targets, multiteach.cache.key):
         monkeypatch.setattr(module, "build_teachers", no_teachers)
     # a sweep's next run: another weight for a term, the same teachers, data and views
-    second = train(load_recipe(path, [*PLAIN, "train.log_every=1", "losses.dino.weight=0.5", f"output_dir={tmp_path}/b"]))
+    sweep_run = [*PLAIN, "train.log_every=1", "losses.dino.weight=0.5", f"output_dir={tmp_path}/b"]
+    second = train(load_recipe(path, sweep_run))
     assert "32 of 32 target rows read, 0 computed" in (second / "train.log").read_text()
     monkeypatch.undo()
     live = train(load_recipe(path, [*PLAIN, "train.log_every=1", "cache=null", f"output_dir={tmp_path}/live"]))

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from multiteach.config import load_recipe
+from multiteach.data.lists.images import find_images
 from multiteach.data.loader import GlobalBatchSampler
 from multiteach.data.sources import PathTable, open_tile_source, read_list, walk_folder, write_text_list
 from multiteach.data.sources.coords import write_coord_csv
 from multiteach.data.sources.tiles import TileListSource
-from multiteach.data.lists.images import find_images
 from multiteach.errors import MultiteachError
 from multiteach.train import train
 

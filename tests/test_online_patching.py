@@ -19,9 +19,9 @@ from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.config.schema import SlidesConfig
 from multiteach.data.index import IndexSettings, build_index, default_index_dir, load_mask
-from multiteach.data.sources.base import TileSource
 from multiteach.data.lists.slide_list import SLIDE_EXTENSIONS, read_slide_list
 from multiteach.data.online import HSV_MIN_FRACTION, SlideSource, hsv_tissue_fraction
+from multiteach.data.sources.base import TileSource
 from multiteach.errors import MultiteachError
 from tests.conftest import SHARED_DATA
 

@@ -13,7 +13,14 @@ from PIL import Image
 
 from multiteach.build import build_components, data_loader, robust_views, training_source
 from multiteach.config import load_recipe
-from multiteach.data.views.perturb import DEFAULT_RANGES, ORDER, Perturbation, RobustViews, heldout_levels, heldout_suite
+from multiteach.data.views.perturb import (
+    DEFAULT_RANGES,
+    ORDER,
+    Perturbation,
+    RobustViews,
+    heldout_levels,
+    heldout_suite,
+)
 from multiteach.errors import MultiteachError
 from multiteach.losses import LossContext
 from multiteach.losses.terms import InvarianceTerm

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from multiteach.cli import main
-from multiteach.data.views.augment import to_tensor01
 from multiteach.data.tiling import CSV_COLUMNS, TileGrid, WSITileDataset, plan_tiles, read_tile, write_tiles
+from multiteach.data.views.augment import to_tensor01
 from multiteach.data.wsi import choose_level, open_slide, otsu_threshold, slide_mpp, tissue_mask
 from multiteach.errors import MultiteachError
 

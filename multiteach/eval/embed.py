@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from multiteach.data.views.augment import to_tensor01
 from multiteach.data.lists.images import IMAGE_ERRORS, load_rgb
+from multiteach.data.views.augment import to_tensor01
 from multiteach.errors import MultiteachError, did_you_mean
 from multiteach.layers import LAYER_NAMES, resolve_layer_kwargs
 from multiteach.runs import load_run_student
