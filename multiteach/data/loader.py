@@ -50,7 +50,8 @@ class SeededMultiCrop(Dataset):
         with floats in [0, 1]; with a cache also ``"cache_keys": [n_global x (16,) uint8]`` (row keys) and
         ``"cache_rows"`` (n_global ``[provenance, view]``); with ``robust`` also ``"student_global":
         [n_global x (3, G, G)]`` and ``"robust": [n_global x (5,)]`` (strength per perturbation in
-        :data:`multiteach.data.views.perturb.ORDER`, 0 = not applied); ``"skipped"``: ``(what, reason)`` pairs of unreadable files or slides the source replaced while producing this tile.
+        :data:`multiteach.data.views.perturb.ORDER`, 0 = not applied); ``"skipped"``: ``(what, reason)`` pairs
+        of unreadable files or slides the source replaced while producing this tile.
     """
 
     def __init__(
