@@ -52,7 +52,7 @@ TEACHER = "multiteach-tiny"
 def training_tiles(shared: Path, out: Path) -> list[str]:
     """The tiles the teacher was pretrained on (examples/tiny_teacher/prepare_data.sh): the shared unlabelled
     tiles and the two shared slides re-tiled at 0.5 and 1.0 µm/px with 50 % overlap."""
-    from multiteach.data.wsi import write_tiles
+    from multiteach.data.tiling import write_tiles
 
     folders = [str(shared / "unlabeled_tiles_224" / "tiles")]
     wsi = shared / "wsi"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multiteach.data.wsi import write_tiles
+from multiteach.data.tiling import write_tiles
 from multiteach.demo import slide_path
 from multiteach.standins import write_standin_teachers
 

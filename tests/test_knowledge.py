@@ -13,7 +13,7 @@ from multiteach.build import build_student_from
 from multiteach.cli import main
 from multiteach.config import load_recipe
 from multiteach.data.lists.images import find_images
-from multiteach.data.wsi import write_tiles
+from multiteach.data.tiling import write_tiles
 from multiteach.demo import slide_path
 from multiteach.errors import MultiteachError
 from multiteach.eval.embed import load_images, resolve_model

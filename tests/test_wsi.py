@@ -448,3 +448,13 @@ def test_open_slide_errors(openslide_mod, tmp_path: Path) -> None:
 def test_bad_plan_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(MultiteachError, match=message):
         plan_tiles("never-opened.svs", **kwargs)
+
+
+def test_moved_names_still_import_from_their_old_home_with_a_warning():
+    import multiteach.data.tiling
+    import multiteach.data.wsi as wsi
+
+    with pytest.warns(DeprecationWarning, match=r"multiteach.data.wsi.write_tiles moved to multiteach.data.tiling"):
+        assert wsi.write_tiles is multiteach.data.tiling.write_tiles
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        wsi.nothing_here  # noqa: B018
