@@ -47,7 +47,7 @@ from multiteach.data.online.targets import (
 )
 from multiteach.data.sources.base import SourceTile
 from multiteach.data.wsi.pool import SlidePool
-from multiteach.data.wsi.slide import failure_reason, flatten_rgba, slide_errors
+from multiteach.data.wsi.slide import failure_reason, read_square, slide_errors
 from multiteach.errors import MultiteachError
 
 logger = logging.getLogger("multiteach.data")
@@ -353,11 +353,7 @@ class SlideSource:
         """The RGB tile at footprint corner ``(x, y)``: read, flattened on the background, resized."""
         handle = self._pool.get(self.index.slides[s])
         size = int(self.plan.read_size[s, t])
-        region = handle.read_region((int(x), int(y)), int(self.plan.level[s, t]), (size, size))
-        tile = flatten_rgba(region, slot.background)
-        if size != self.tile_size:
-            tile = tile.resize((self.tile_size, self.tile_size), Image.Resampling.LANCZOS)
-        return tile
+        return read_square(handle, x, y, int(self.plan.level[s, t]), size, self.tile_size, slot.background)
 
     def _tile(self, s: int, t: int, index: int, epoch: int) -> tuple[Image.Image, int, int]:
         """Sample ``index``'s tile on slide ``s`` at target ``t``: ``(image, x, y)``."""

@@ -21,7 +21,7 @@ from PIL import Image
 from multiteach.atomic import atomic_path
 from multiteach.data.sources.base import SourceTile, read_or_next
 from multiteach.data.wsi.pool import SlidePool
-from multiteach.data.wsi.slide import background_colour, choose_level, failure_reason, flatten_rgba, slide_errors
+from multiteach.data.wsi.slide import choose_level, failure_reason, read_square, slide_errors
 from multiteach.errors import MultiteachError, did_you_mean
 
 logger = logging.getLogger("multiteach.data")
@@ -185,8 +185,7 @@ class CoordSource:
         else:
             side = round(size0)
         x, y = (int(v) for v in t.xy[i])
-        region = flatten_rgba(slide.read_region((x, y), level, (side, side)), background_colour(slide))
-        return region if side == out else region.resize((out, out), Image.Resampling.BILINEAR)
+        return read_square(slide, x, y, level, side, out, resample=Image.Resampling.BILINEAR)
 
     def read(self, index: int, epoch: int) -> SourceTile:
         """Tile ``index`` read from its slide (the next readable slide's tile when its slide fails)."""

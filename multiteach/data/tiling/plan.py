@@ -23,19 +23,18 @@ from multiteach.data.wsi.slide import (
     MPP_TOLERANCE,
     PathLike,
     SlideOrPath,
-    _check_mpp,
-    _import_openslide,
-    _override_lookup,
-    _slide_name,
-    background_colour,
+    check_mpp,
     choose_level,
     failure_reason,
-    flatten_rgba,
+    import_openslide,
     logger,
+    mpp_override_lookup,
     open_slide,
+    read_square,
     scanned_bounds,
     slide_errors,
     slide_mpp,
+    slide_name,
 )
 from multiteach.data.wsi.tissue import DEFAULT_THUMB_SIZE, tissue_fraction, tissue_mask
 from multiteach.errors import MultiteachError, did_you_mean
@@ -173,7 +172,7 @@ class TileGrid:
 
 
 def _check_plan_args(target_mpp: float, tile_size: int, overlap: float, min_tissue: float, thumb_size: int) -> float:
-    target = _check_mpp(target_mpp, "target_mpp")
+    target = check_mpp(target_mpp, "target_mpp")
     if int(tile_size) != tile_size or tile_size < 1:
         raise MultiteachError(f"tile_size must be a positive whole number of pixels, got {tile_size!r}.")
     if not 0.0 <= overlap < 1.0:
@@ -223,7 +222,7 @@ def plan_tiles(
     if isinstance(slide, (str, os.PathLike)):
         with open_slide(slide) as handle:
             return plan_tiles(handle, target, tile_size, overlap, min_tissue, mpp, thumb_size=thumb_size)
-    name = _slide_name(slide)
+    name = slide_name(slide)
     mpp0 = slide_mpp(slide, mpp)
     downsamples = list(slide.level_downsamples)
     level_mpps = [mpp0 * d for d in downsamples]
@@ -279,11 +278,7 @@ def read_tile(slide: OpenSlide, grid: TileGrid, index: int) -> Image.Image:
         RGB PIL image of ``grid.tile_size`` x ``grid.tile_size`` pixels at ``grid.target_mpp`` µm/px.
     """
     x, y = (int(v) for v in grid.coords[index])
-    region = slide.read_region((x, y), grid.level, (grid.read_size, grid.read_size))
-    tile = flatten_rgba(region, background_colour(slide))
-    if grid.read_size != grid.tile_size:
-        tile = tile.resize((grid.tile_size, grid.tile_size), Image.Resampling.LANCZOS)
-    return tile
+    return read_square(slide, x, y, grid.level, grid.read_size, grid.tile_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,9 +315,9 @@ def _prepare(
         raise MultiteachError(f"{caller} got no slides.")
     _check_plan_args(target_mpp, tile_size, overlap, min_tissue, thumb_size)
     if mpp is not None:
-        _check_mpp(mpp, "mpp override")
-    _import_openslide()
-    lookup = _override_lookup([s for s in slides if not isinstance(s, TileGrid)], mpp, mpp_overrides)
+        check_mpp(mpp, "mpp override")
+    import_openslide()
+    lookup = mpp_override_lookup([s for s in slides if not isinstance(s, TileGrid)], mpp, mpp_overrides)
     args = _PlanArgs(float(target_mpp), int(tile_size), float(overlap), float(min_tissue), int(thumb_size))
     return slides, args, lookup
 

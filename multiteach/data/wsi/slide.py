@@ -37,7 +37,7 @@ MPP_TOLERANCE = 0.01
 PLAUSIBLE_MPP = (0.05, 10.0)  # outside this, a value is more likely a magnification (20x) than µm/px
 
 
-def _import_openslide() -> Any:
+def import_openslide() -> Any:
     try:
         import openslide
     except (ImportError, OSError) as err:  # OSError: openslide-python present, C library missing
@@ -50,7 +50,7 @@ def _import_openslide() -> Any:
 
 def slide_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "this slide cannot be opened or read" (not a bug in the caller)."""
-    openslide = _import_openslide()
+    openslide = import_openslide()
     return (MultiteachError, openslide.OpenSlideError, OSError)
 
 
@@ -59,7 +59,7 @@ def failure_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, MultiteachError) else f"{type(err).__name__}: {err}"
 
 
-def _slide_name(slide: Any) -> str:
+def slide_name(slide: Any) -> str:
     # openslide.OpenSlide keeps its path in ``_filename`` (its repr shows it); fall back to repr.
     name = getattr(slide, "_filename", None)
     return str(name) if name is not None else repr(slide)
@@ -87,7 +87,7 @@ def open_slide(path: PathLike) -> OpenSlide:
         raise MultiteachError(f"Slide {str(path)!r} does not exist.")
     if path.is_dir():
         raise MultiteachError(f"Slide {str(path)!r} is a folder; pass the slide file itself (e.g. the .mrxs or .dcm).")
-    openslide = _import_openslide()
+    openslide = import_openslide()
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as err:
@@ -100,7 +100,7 @@ def open_slide(path: PathLike) -> OpenSlide:
         raise MultiteachError(f"Slide {str(path)!r} could not be opened: {type(err).__name__}: {err}") from err
 
 
-def _check_mpp(value: float, what: str) -> float:
+def check_mpp(value: float, what: str) -> float:
     try:
         mpp = float(value)
     except (TypeError, ValueError) as err:
@@ -135,7 +135,7 @@ def slide_mpp(slide: OpenSlide, override: float | None = None) -> float:
             the override is not a positive number.
     """
     if override is not None:
-        return _check_mpp(override, "mpp override")
+        return check_mpp(override, "mpp override")
     props = slide.properties
     bad: list[str] = []
     for key_x, key_y in MPP_KEYS:
@@ -156,7 +156,7 @@ def slide_mpp(slide: OpenSlide, override: float | None = None) -> float:
             if len(values) == 2 and abs(values[0] - values[1]) > MPP_TOLERANCE * max(values):
                 logger.warning(
                     "slide %s has anisotropic pixels (%s=%s, %s=%s); using their mean",
-                    _slide_name(slide),
+                    slide_name(slide),
                     key_x,
                     values[0],
                     key_y,
@@ -165,12 +165,12 @@ def slide_mpp(slide: OpenSlide, override: float | None = None) -> float:
             return sum(values) / len(values)
     found = f" (unusable values: {', '.join(bad)})" if bad else ""
     raise MultiteachError(
-        f"Slide {_slide_name(slide)!r} records no resolution (no openslide.mpp-x or aperio.MPP){found}. "
+        f"Slide {slide_name(slide)!r} records no resolution (no openslide.mpp-x or aperio.MPP){found}. "
         "Give its level-0 µm/px with --mpp (mpp= in Python), e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x."
     )
 
 
-def _override_lookup(
+def mpp_override_lookup(
     slides: Sequence[PathLike], mpp: float | None, mpp_overrides: Mapping[str, float] | None
 ) -> Callable[[PathLike], float | None]:
     """Resolve each slide's mpp override: ``mpp_overrides`` (keyed by path, file name or stem), else ``mpp``."""
@@ -189,7 +189,7 @@ def _override_lookup(
         )
     by_slide: dict[str, float] = {}
     for key, value in overrides.items():
-        by_slide[index[str(key)]] = _check_mpp(value, f"mpp_overrides[{key!r}]")
+        by_slide[index[str(key)]] = check_mpp(value, f"mpp_overrides[{key!r}]")
 
     def lookup(slide: PathLike) -> float | None:
         return by_slide.get(str(slide), mpp)
@@ -244,3 +244,33 @@ def flatten_rgba(region: Image.Image, background: str) -> Image.Image:
 
 def background_colour(slide: OpenSlide) -> str:
     return "#" + slide.properties.get("openslide.background-color", "ffffff")
+
+
+def read_square(
+    slide: OpenSlide,
+    x: int,
+    y: int,
+    level: int,
+    read_size: int,
+    out_size: int,
+    background: str | None = None,
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> Image.Image:
+    """Read a square region, flatten it on the slide's background and resize it: what every tile reader does.
+
+    Args:
+        slide: An open slide.
+        x: Left edge in level-0 pixels.
+        y: Top edge in level-0 pixels.
+        level: Pyramid level read.
+        read_size: Side of the region at ``level``, in that level's pixels.
+        out_size: Side of the returned tile.
+        background: ``#rrggbb`` of unscanned pixels (default: the slide's ``openslide.background-color``).
+        resample: Filter when ``read_size != out_size``.
+
+    Returns:
+        RGB ``out_size`` x ``out_size`` image.
+    """
+    region = slide.read_region((int(x), int(y)), int(level), (int(read_size), int(read_size)))
+    tile = flatten_rgba(region, background if background is not None else background_colour(slide))
+    return tile if read_size == out_size else tile.resize((out_size, out_size), resample)
