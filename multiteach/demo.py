@@ -1,6 +1,9 @@
 """``multiteach demo``: the whole path on a fresh CPU machine in a few minutes.
 
-1. tile the real H&E slide shipped with multiteach (CMU-1-Small-Region, CC0; see assets/ATTRIBUTION.md);
+1. point the recipe's ``data.slides`` at the real H&E slide shipped with multiteach (CMU-1-Small-Region, CC0; see
+   assets/ATTRIBUTION.md): training patches it online, drawing each tile at a random tissue position at
+   0.5 µm/px, 224 px, straight from the slide (no training tiles on disk); its tissue index goes in the demo's
+   folder (``OUT/tissue-index``), so a fresh machine writes nothing in the user's cache;
 2. write a tiny random stand-in of a real family (H-optimus-0-like ViT/14 + registers + SwiGLU) in the real
    on-disk format, so the Hub-format loader runs; the other teacher is ``multiteach-tiny``, the real
    pretrained teacher shipped inside the package;
@@ -8,13 +11,16 @@
    recipe through the real loaders and engine;
 4. export it as safetensors + timm config + model card;
 5. show knowledge moving without labels: the student vs its random-init twin, each compared with
-   ``multiteach-tiny`` on tiles of the slide at another magnification (ridge-fitted centred cosine, linear
-   CKA, mutual-kNN agreement).
+   ``multiteach-tiny`` on held-out tiles of the slide at another magnification (1.0 µm/px, cut on a grid with
+   :func:`~multiteach.data.tiling.write_tiles`; ridge-fitted centred cosine, linear CKA, mutual-kNN
+   agreement).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,9 @@ SLIDE = "CMU-1-Small-Region.svs"
 STANDIN_FAMILIES = ("h-optimus-0",)
 KNOWLEDGE_TEACHER = "multiteach-tiny"
 STANDIN_LICENCE = "none to inherit: random weights that `multiteach demo` wrote itself (`multiteach.standins`)"
+SLIDES = {"target_mpp": [0.5], "tile_size": 224, "min_tissue": 0.5}
+"""``data.slides`` of the demo's run besides ``source`` and ``index_dir``: 224 px tiles at 0.5 µm/px (the slide's
+level 0 is 0.499 µm/px, so tiles are read 1:1), at least half tissue on the mask. The held-out tiles are at 1.0."""
 
 
 def slide_path() -> Path:
@@ -88,31 +97,45 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[s
     """Run the demo end to end; return the paths of everything it wrote and the knowledge check.
 
     Args:
-        out: Folder for tiles, stand-ins, the run, the export and the knowledge check.
+        out: Folder for the tissue index, the held-out tiles, stand-ins, the run, the export and the knowledge
+            check.
         overrides: Extra recipe overrides (e.g. ``schedule.steps=20`` for a quicker look).
     """
     out = Path(out)
-    tiles = write_tiles([slide_path()], out / "tiles", target_mpp=0.5, tile_size=224, overlap=0.5, min_tissue=0.5)
-    log.info("tiled %s: %d tiles", SLIDE, tiles.total)
-    # held out from training: the same slide at half the magnification, on another grid
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    # held out from training: the same slide at half the magnification, on a grid
     held_out = write_tiles([slide_path()], out / "held_out", target_mpp=1.0, tile_size=224, overlap=0.5, min_tissue=0.3)
+    seconds["held-out tiles"] = time.perf_counter() - start
+    start = time.perf_counter()
     standins = write_standin_teachers(out / "standins", STANDIN_FAMILIES)
-    sets = [f"data.train={out / 'tiles'}", f"output_dir={out / 'run'}"]
+    seconds["stand-ins"] = time.perf_counter() - start
+    slides = {"source": str(slide_path()), **SLIDES, "index_dir": str(out / "tissue-index")}
+    sets = ["data.train=null", f"data.slides={json.dumps(slides)}", f"output_dir={out / 'run'}"]
     sets += [f"teachers.{name}.weights={path}" for name, path in standins.items()]
     recipe = load_recipe("demo", [*sets, *overrides])
+    start = time.perf_counter()
     run_dir = train(recipe)
+    seconds["train"] = time.perf_counter() - start
     # the stand-ins are random weights written above: the card describes them as such, with no licence to inherit
     notes = {name: STANDIN_LICENCE for name in standins}
+    start = time.perf_counter()
     export_dir = export_run(run_dir, out / "export", overwrite=True, licence_notes=notes)
+    seconds["export"] = time.perf_counter() - start
+    start = time.perf_counter()
     knowledge = knowledge_check(run_dir, out / "held_out", seed=recipe.seed)
+    seconds["knowledge check"] = time.perf_counter() - start
     markdown = knowledge_table(knowledge, len(find_images(out / "held_out")))
     (out / "knowledge").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "knowledge" / "knowledge.md", markdown.encode())
-    log.info("held-out tiles: %d", held_out.total)
+    log.info("trained from %s patched online; held-out tiles: %d", SLIDE, held_out.total)
+    log.info("demo phases: %s", ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items()))
     return {
-        "tiles": out / "tiles",
+        "slide": slide_path(),
+        "index": out / "tissue-index",
+        "held_out": out / "held_out",
         "run": run_dir,
         "export": export_dir,
         "knowledge": out / "knowledge",
-        "results": {"knowledge": knowledge, "markdown": markdown},
+        "results": {"knowledge": knowledge, "markdown": markdown, "seconds": seconds},
     }

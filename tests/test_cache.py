@@ -119,7 +119,7 @@ def test_views_are_replayed_from_the_tile_identity(tmp_path):
     assert batch["cache_keys"].shape == (4, 16) and [r[1] for r in batch["cache_rows"]] == [2, 0, 0, 1]
     path = tiles.read(7, 0).provenance  # an edited tile file is a new tile: new keys
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    multiteach.cache.store._STAT.clear()
+    multiteach.cache.store._file_stat.cache_clear()
     assert cached[7, 0]["cache_keys"][0].tolist() != keys[7, 0]
 
 
@@ -186,7 +186,7 @@ def test_training_from_slides_fills_the_cache_and_a_second_run_recomputes_nothin
     first = train(load_recipe(path, [*over, f"output_dir={tmp_path}/a"]))
     assert "0 of 32 target rows read, 32 computed" in (first / "train.log").read_text()
     with safe_open(str(shard_files(tmp_path / "cache")[0]), framework="np") as f:
-        rows = json.loads(f.metadata()["multiteach_cache"])["rows"]
+        rows = json.loads(f.metadata()["multiteach_rows"])
     assert all(str(r[0]).startswith(str(slides)) and r[0].count("@") == 2 for r in rows)  # slide@x,y@mpp
     monkeypatch.setattr(multiteach.cache.targets, "build_teachers", lambda *a, **k: pytest.fail("teachers loaded"))
     monkeypatch.setattr(multiteach.build, "build_teachers", lambda *a, **k: pytest.fail("teachers loaded"))

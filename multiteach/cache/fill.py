@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from multiteach.build import build_student_from, data_loader, training_source
 from multiteach.cache.settings import cache_settings
-from multiteach.cache.store import META_KEY, SHARDS, TargetStore
+from multiteach.cache.store import ROWS_KEY, SHARDS, TargetStore
 from multiteach.cache.targets import open_cache
 from multiteach.errors import MultiteachError
 from multiteach.seeding import seed_everything
@@ -84,7 +84,7 @@ def cache_info(cache_dir: str | Path) -> dict[str, Any]:
     per_teacher: dict[str, int] = {}
     for name in store.shard_names():
         with safe_open(str(store.root / SHARDS / name), framework="np") as f:
-            tiles.update(str(r[0]) for r in json.loads(f.metadata()[META_KEY])["rows"])
+            tiles.update(str(r[0]) for r in json.loads(f.metadata()[ROWS_KEY]))
             for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 sl = f.get_slice(k)
                 teacher = k.split(".")[0]

@@ -11,7 +11,7 @@ A cache folder holds::
         keys              (R, 16) uint8   row key: sha256(tile identity, view parameters)[:16]
         {t}.summary[.scale]  (R, D)        stored precision (``cache.dtype``; int8 with per-token scales)
         {t}.patch[.scale]    (R, N', D')   N' = the grid after ``cache.patch_pool``, D' = ``cache.patch_dims``
-        metadata "multiteach_cache": JSON {format, digest, writer, grids, rows: [[provenance, view], ...]}
+        metadata "multiteach_cache": JSON {format, writer, grids, specs}; "multiteach_rows": [[provenance, view], ...]
     damaged/                    shards found truncated or unreadable, moved aside (their rows are refilled)
 
 Writers never coordinate: each names its shards by host, process id and a random token, writes them to a
@@ -23,6 +23,7 @@ temporary file, which the next writer removes (its rows are computed again).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -65,23 +66,21 @@ PCA_FILE = "pca.safetensors"
 SHARDS = "shards"
 DAMAGED = "damaged"
 META_KEY = "multiteach_cache"
+ROWS_KEY = "multiteach_rows"  # a second metadata entry: the rows' descriptions, parsed only by `cache info`
 SHARD_RE = re.compile(r"^(?P<writer>.+)-(?P<n>\d{5})\.safetensors$")
 # the temporary file of a shard being written: ``.{host}_{pid}_{token}_r{rank}-{n}.safetensors.XXXX.tmp``
 TEMP_RE = re.compile(r"^\.(?P<host>.+)_(?P<pid>\d+)_[0-9a-f]{6}_r\d+-\d{5}\.safetensors\..*\.tmp$")
 STALE_TEMP_S = 3600.0  # a temporary file of another host is abandoned after this long
 KEY_BYTES = 16
-_STAT: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns), per process
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: a worker meets millions of tile files, a few slides many times
 def _file_stat(path: str) -> tuple[int, int] | None:
-    got = _STAT.get(path)
-    if got is None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        got = _STAT[path] = (st.st_size, st.st_mtime_ns)
-    return got
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def tile_identity(provenance: str, size: tuple[int, int]) -> str:
@@ -437,8 +436,7 @@ class TargetStore:
             return None
         buffer, self._buffer = self._buffer, []
         if self.max_bytes is not None:
-            folder = self._shard_dir()
-            used = sum(e.stat().st_size for e in os.scandir(folder) if SHARD_RE.match(e.name)) if folder.is_dir() else 0
+            used = self.stored_bytes  # the shards of the last scan plus this writer's own since
             if used >= self.max_bytes:
                 if not self._full_warned:
                     log.warning(
@@ -457,11 +455,15 @@ class TargetStore:
             "writer": self.writer,
             "grids": {t: list(g) for t, g in self.grids.items()},
             "specs": self.specs,
-            "rows": [r for b in buffer for r in b[1]],
         }
+        rows = [r for b in buffer for r in b[1]]
         path = self._shard_dir() / f"{self.writer}-{self._written:05d}.safetensors"
         self._written += 1
-        atomic_save_safetensors(path, tensors, {META_KEY: json.dumps(meta, separators=(",", ":"))})
+        metadata = {
+            META_KEY: json.dumps(meta, separators=(",", ":")),
+            ROWS_KEY: json.dumps(rows, separators=(",", ":")),
+        }
+        atomic_save_safetensors(path, tensors, metadata)
         # index the new rows at once (this writer reads what it wrote without a rescan)
         s = len(self._shards)
         self._shards.append(path.name)

@@ -1,4 +1,4 @@
-"""The ``demo`` command: the whole path on CPU in minutes (tile, distil, export, check knowledge moved)."""
+"""The ``demo`` command: the whole path on CPU in minutes (patch a slide online, distil, export, check knowledge)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def add_demo(p: argparse.ArgumentParser) -> Runner:
 
         paths = run_demo(args.out, args.overrides)
         print(paths["results"]["markdown"])
-        for key in ("tiles", "run", "export", "knowledge"):
-            print(f"{key:>7}: {paths[key]}")
+        for key in ("slide", "index", "held_out", "run", "export", "knowledge"):
+            print(f"{key:>9}: {paths[key]}")
         print(f"  model card: {paths['export'] / 'README.md'}")
         return 0
 
@@ -26,5 +26,7 @@ def add_demo(p: argparse.ArgumentParser) -> Runner:
 
 
 DEMO = Command(
-    "demo", "the whole path on CPU in minutes: tile a real slide, distil, export, check knowledge moved", add_demo
+    "demo",
+    "the whole path on CPU in minutes: patch a real slide online, distil, export, check knowledge moved",
+    add_demo,
 )
