@@ -156,10 +156,9 @@ class TargetStore:
 
     Args:
         root: The cache folder (created if absent).
-        key: The build key the caller computes (:func:`multiteach.cache.key.cache_key`). An existing folder with
-            another key is refused, naming the keys that differ.
-        dtype: Stored precision of every token (``float32``, ``bfloat16``, ``float16``, ``int8``).
-        patch_dims: Keep this many PCA components of patch tokens (None: all dims).
+        key: The build key the caller computes (:func:`multiteach.cache.key.cache_key`), or None to open an
+            existing folder as it is. An existing folder with another key is refused, naming the keys that differ.
+            The stored precision (``storage.dtype``) and PCA dims (``storage.patch_dims``) come from the key.
         shard_rows: Rows per shard file (a writer flushes when its buffer holds this many).
         max_gb: Stop storing new rows once the shards hold this many GB (targets are still computed).
         rank: The writer's process rank (part of its shard names).
@@ -170,19 +169,18 @@ class TargetStore:
         self,
         root: str | os.PathLike[str],
         key: Mapping[str, Any] | None,
-        dtype: str = "bfloat16",
-        patch_dims: int | None = None,
         shard_rows: int = 256,
         max_gb: float | None = None,
         rank: int = 0,
         readonly: bool = False,
     ) -> None:
         self.root = Path(root).expanduser()
-        self.dtype, self.patch_dims = dtype, patch_dims
         self.shard_rows, self.max_bytes = int(shard_rows), None if max_gb is None else int(max_gb * 1e9)
         self.readonly = readonly
         self.writer = f"{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}_r{rank}"
         self.key = self._open_key(key)
+        storage = self.key["storage"]  # the folder's own settings, whoever opens it
+        self.dtype, self.patch_dims = storage["dtype"], storage["patch_dims"]
         self.pca: dict[str, PatchPCA] = self._load_pca()
         self.grids: dict[str, tuple[int, int]] = {}
         self.specs: dict[str, dict[str, Any]] = {}  # teacher -> TeacherSpec fields, as the first writer recorded

@@ -240,8 +240,6 @@ def open_cache(
     store = TargetStore(
         root,
         key,
-        dtype=settings.dtype,
-        patch_dims=settings.patch_dims,
         shard_rows=settings.shard_tiles,
         max_gb=settings.max_gb,
         rank=rank,
