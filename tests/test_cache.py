@@ -211,6 +211,10 @@ def test_compressed_storage_int8_and_pca(tmp_path):
     assert computed.patch_tokens.shape == ref.patch_tokens.shape  # the PCA is undone on read
     assert cosine_fidelity(computed.summary, ref.summary) > 0.999  # int8 summary
     assert 0.5 < cosine_fidelity(computed.patch_tokens, ref.patch_tokens) < 0.9999  # 8 of 64 dims kept
+    reader = TargetStore(tmp_path / "cache", None, readonly=True)  # decodes by the folder's own key
+    assert (reader.dtype, reader.patch_dims) == ("int8", 8)
+    again = reader.read(reader.lookup(batch["cache_keys"]), ["uni"])["uni"]
+    assert torch.equal(again.summary, computed.summary) and torch.equal(again.patch_tokens, computed.patch_tokens)
     info = cache_info(tmp_path / "cache")
     assert info["storage"] == {"dtype": "int8", "patch_pool": 1, "patch_dims": 8}
     per_row = 64 + 2 + 16 * (8 + 2) + 16  # int8 summary + scale, 16 tokens x (8 dims + scale), the row key

@@ -159,3 +159,9 @@ def test_no_module_over_500_lines():
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"split these along their concerns (at most {MAX_MODULE_LINES} lines): {long}"
+
+
+def test_the_training_loop_reads_in_one_screen():
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_train")
+    assert loop.end_lineno - loop.lineno + 1 <= 120, "keep _train's set-up, step, log, checkpoint and stop in view"
