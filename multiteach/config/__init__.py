@@ -1,7 +1,8 @@
 """The recipe: the single source of truth of a run, from YAML layers to a checked, typed :class:`Recipe`.
 
 Modules:
-    schema: The recipe's sections as dataclasses (data, student, teachers, optim, ...) and their checks.
+    schema: The recipe's sections as dataclasses, re-exported from data_schema (data), model_schema (student,
+        teachers) and training_schema (optim, schedule, train, cache).
     recipe: :class:`Recipe`, the top level: its sections, the checks across them, plain-data and YAML output.
     checks: Small shared validators, ``data.robust_views`` settings and the recipe's loss-term check.
     convert: The typed converter from plain data to the dataclasses: key-path errors, "Did you mean".
