@@ -365,20 +365,23 @@ class TargetStore:
         Returns:
             Teacher -> TeacherOutput(summary (M, D), patch_tokens (M, N', D) with PCA undone, grid (h', w')).
         """
+        by_shard: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for s in np.unique(locs[:, 0]).tolist():
+            at = np.flatnonzero(locs[:, 0] == s)
+            by_shard[s] = (at, locs[at, 1])
         out: dict[str, TeacherOutput] = {}
         for t in teachers:
-            rows: dict[str, list[torch.Tensor | None]] = {"summary": [None] * len(locs), "patch": [None] * len(locs)}
-            by_shard: dict[int, list[tuple[int, int]]] = {}
-            for j, (s, r) in enumerate(locs.tolist()):
-                by_shard.setdefault(s, []).append((r, j))
-            for s, items in by_shard.items():
-                h = self._handle(s)
+            got: dict[str, torch.Tensor | None] = {"summary": None, "patch": None}
+            for s, (at, rows) in by_shard.items():
+                lo, hi = int(rows.min()), int(rows.max()) + 1  # one slice per shard and part (shards are small)
+                pick = torch.from_numpy(rows - lo)
                 for what in ("summary", "patch"):
-                    slices = load_parts(_Slices(h), f"{t}.{what}", self.dtype)
-                    for r, j in items:
-                        rows[what][j] = decode_tokens({p: sl[r : r + 1] for p, sl in slices.items()}, self.dtype)[0]
-            summary = torch.stack(rows["summary"])  # type: ignore[arg-type]
-            patch = torch.stack(rows["patch"])  # type: ignore[arg-type]
+                    slices = load_parts(_Slices(self._handle(s)), f"{t}.{what}", self.dtype)
+                    values = decode_tokens({p: sl[lo:hi][pick] for p, sl in slices.items()}, self.dtype)
+                    if got[what] is None:
+                        got[what] = torch.empty(len(locs), *values.shape[1:])
+                    got[what][torch.from_numpy(at)] = values
+            summary, patch = got["summary"], got["patch"]
             if t in self.pca:
                 patch = self.pca[t].decode(patch)
             out[t] = TeacherOutput(summary, patch, self.grids[t])
