@@ -23,11 +23,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + index * 7_919 + 1) % (2**63 - 1)
 
 
-def cached_view(epoch: int, crop: int, n_global: int, n_views: int) -> int:
-    """The cached view that global crop ``crop`` of a tile uses in ``epoch`` when training from a
-    teacher-feature cache: ``(epoch * n_global + crop) % n_views``, so consecutive epochs walk through
-    all ``n_views`` cached views of every tile before any repeats."""
-    return (epoch * n_global + crop) % n_views
+def cached_view(epoch: int, crop: int, n_global: int, views_per_tile: int) -> int:
+    """The replayed view that global crop ``crop`` of a tile uses in ``epoch`` when training with a teacher-target
+    cache: ``(epoch * n_global + crop) % views_per_tile``, so consecutive epochs walk through all of a tile's stored
+    views before any repeats."""
+    return (epoch * n_global + crop) % views_per_tile
 
 
 class SeededMultiCrop(Dataset):
