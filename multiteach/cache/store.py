@@ -323,15 +323,19 @@ class TargetStore:
             self.specs.update(meta.get("specs", {}))
             total += (folder / name).stat().st_size
         self._shards, self._handles, self.stored_bytes = shards, {}, total
-        if keys:
-            all_keys, all_locs = np.concatenate(keys), np.concatenate(locs).astype(np.int64)
-            order = np.argsort(all_keys, kind="stable")
-            all_keys, all_locs = all_keys[order], all_locs[order]
-            first = np.ones(len(all_keys), dtype=bool)
-            first[1:] = all_keys[1:] != all_keys[:-1]  # a row two writers both stored: read once
-            self._index_keys, self._index_loc = all_keys[first], all_locs[first]
-        else:
-            self._index_keys, self._index_loc = np.zeros(0, dtype=f"S{KEY_BYTES}"), np.zeros((0, 2), np.int64)
+        self._index_keys, self._index_loc = np.zeros(0, dtype=f"S{KEY_BYTES}"), np.zeros((0, 2), np.int64)
+        self._index(keys, locs)
+
+    def _index(self, keys: list[np.ndarray], locs: list[np.ndarray]) -> None:
+        """Merge rows ``(S16 keys, (shard, row) locations)`` into the sorted index; a key met twice (a row two
+        writers both stored) keeps its first location."""
+        all_keys = np.concatenate([self._index_keys, *keys])
+        all_locs = np.concatenate([self._index_loc, *locs]).astype(np.int64)
+        order = np.argsort(all_keys, kind="stable")
+        all_keys, all_locs = all_keys[order], all_locs[order]
+        first = np.ones(len(all_keys), dtype=bool)
+        first[1:] = all_keys[1:] != all_keys[:-1]
+        self._index_keys, self._index_loc = all_keys[first], all_locs[first]
 
     def __len__(self) -> int:
         return len(self._index_keys)
@@ -469,14 +473,7 @@ class TargetStore:
         s = len(self._shards)
         self._shards.append(path.name)
         new_keys = _as_strings(tensors["keys"])
-        new_locs = np.stack([np.full(len(new_keys), s), np.arange(len(new_keys))], axis=1).astype(np.int64)
-        keys = np.concatenate([self._index_keys, new_keys])
-        locs = np.concatenate([self._index_loc, new_locs])
-        order = np.argsort(keys, kind="stable")
-        keys, locs = keys[order], locs[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        self._index_keys, self._index_loc = keys[first], locs[first]
+        self._index([new_keys], [np.stack([np.full(len(new_keys), s), np.arange(len(new_keys))], axis=1)])
         self.stored_bytes += path.stat().st_size
         return path
 

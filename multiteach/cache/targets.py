@@ -127,22 +127,23 @@ class CachedTargets:
         and grid are known (a folder without rows computes the first tile for them)."""
         self.fit_pca(tiles, device)
         if not self.knows_specs():
-            tile = tiles.read(0, 0)
+            self.compute(self._first_crops(tiles, 1), device)
+
+    def _first_crops(self, tiles: Any, n: int) -> torch.Tensor:
+        """View 0 of tiles ``0 .. n-1`` of epoch 0, (n, 3, G, G): the same crops on every rank."""
+        crops = []
+        for i in range(min(n, len(tiles))):
+            tile = tiles.read(i, 0)
             params, _, _ = self.replay.global_views(tile.image, tile.provenance, 0, 1)
-            self.compute(apply_view(tile.image, params[0])[None], device)
+            crops.append(apply_view(tile.image, params[0]))
+        return torch.stack(crops)
 
     def fit_pca(self, tiles: Any, device: torch.device | str) -> None:
         """Fit the patch-token PCA (``cache.patch_dims``) on view 0 of the first ``cache.pca_tiles`` tiles of epoch 0
         of ``tiles``, unless the folder has one (the same tiles on every rank: the fits agree)."""
         if not self.store.needs_pca():
             return
-        n = min(cache_settings(self.recipe).pca_tiles, len(tiles))
-        crops = []
-        for i in range(n):
-            tile = tiles.read(i, 0)
-            params, _, _ = self.replay.global_views(tile.image, tile.provenance, 0, 1)
-            crops.append(apply_view(tile.image, params[0]))
-        outputs = self.compute(torch.stack(crops), device)
+        outputs = self.compute(self._first_crops(tiles, cache_settings(self.recipe).pca_tiles), device)
         self.store.fit_pca({name: o.patch_tokens for name, o in outputs.items()})
 
     def __call__(self, batch: Mapping[str, Any], device: torch.device | str) -> dict[str, TeacherOutput]:
